@@ -1,0 +1,200 @@
+"""Turning the user's data into batches: seeded reshuffling, subsets, batch checks.
+
+Train-mode results depend on which samples share a batch, so when the data is a
+map-style dataset (or a DataLoader over one) bncheck draws its own batches with a
+seeded shuffle at the loader's batch size. An iterable of ready-made batches is
+used as given, and the report says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+
+from .errors import DataError
+
+DEFAULT_BATCH_SIZE = 32
+_INPUT_KEYS = ("inputs", "input", "x", "images", "image", "pixel_values", "data")
+_TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Where batches come from. ``batches`` is re-iterable: each iteration yields the same batches."""
+
+    batches: Iterable
+    batch_size: int | None
+    reshuffled: bool
+    num_batches: int | None
+    num_samples: int | None
+    seed: int
+
+
+def _is_map_style(data: Any) -> bool:
+    return (
+        not isinstance(data, IterableDataset)
+        and hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, (torch.Tensor, tuple, list, dict))
+    )
+
+
+def as_dataset(data: Any) -> Any:
+    """Accept a tensor pair or a bare tensor as a dataset."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        inputs, targets = data
+        if len(inputs) != len(targets):
+            raise DataError(f"inputs hold {len(inputs)} samples but targets hold {len(targets)}")
+        return TensorDataset(inputs, targets)
+    if isinstance(data, torch.Tensor):
+        return _UnlabelledTensorDataset(data)
+    return data
+
+
+class _UnlabelledTensorDataset(Dataset):
+    def __init__(self, inputs: torch.Tensor):
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.inputs[index]
+
+
+def plan_batches(
+    data: Any,
+    *,
+    batch_size: int | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+) -> BatchPlan:
+    """Decide the batches a diagnosis runs on."""
+    if batch_size is not None and batch_size < 2:
+        raise DataError("batch size must be at least 2: train-mode BatchNorm needs 2+ samples per batch")
+    if data is None:
+        raise DataError("no data: define get_dataloader() or dataset in model.py, or pass --data")
+    data = as_dataset(data)
+    loader = data if isinstance(data, DataLoader) else None
+    dataset = loader.dataset if loader is not None else data
+    if _is_map_style(dataset) and (loader is None or loader.batch_size is not None):
+        return _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples)
+    if not hasattr(data, "__iter__"):
+        raise DataError(f"data of type {type(data).__name__} is not iterable; return a DataLoader or a Dataset")
+    if max_samples is not None:
+        raise DataError("--max-samples needs a map-style dataset; use --max-batches for an iterable of batches")
+    if batch_size is not None:
+        raise DataError("--batch-size needs a map-style dataset; this data yields ready-made batches")
+    return BatchPlan(_GivenBatches(data, max_batches), None, False, None, None, seed)
+
+
+def _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples) -> BatchPlan:
+    size = len(dataset)
+    if size == 0:
+        raise DataError("the dataset is empty")
+    if batch_size is None:
+        batch_size = loader.batch_size if loader is not None else DEFAULT_BATCH_SIZE
+    if batch_size < 2:
+        raise DataError(
+            "the data loader's batch size is 1: train-mode BatchNorm needs 2+ samples per batch; pass --batch-size"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    if max_samples is not None and max_samples < size:
+        if max_samples < 2:
+            raise DataError("--max-samples must be at least 2")
+        # Uniform subset, drawn from the same seed as the shuffle.
+        indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 1))[:max_samples]
+        dataset = Subset(dataset, indices.tolist())
+        size = max_samples
+    if size < 2:
+        raise DataError("the dataset holds a single sample: train-mode BatchNorm needs 2+ samples per batch")
+    num_batches = -(-size // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    kwargs = {}
+    if loader is not None:
+        kwargs = dict(collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    batches = _SeededBatches(dataset, batch_size, seed, num_batches, kwargs)
+    samples = min(size, num_batches * batch_size)
+    return BatchPlan(batches, batch_size, True, num_batches, samples, seed)
+
+
+class _SeededBatches:
+    """The same seeded shuffle every time it is iterated; a lone trailing sample is dropped."""
+
+    def __init__(self, dataset, batch_size, seed, num_batches, loader_kwargs):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_batches, self.loader_kwargs = num_batches, loader_kwargs
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        size = len(self.dataset)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        chunks = [order[i:i + self.batch_size] for i in range(0, size, self.batch_size)][: self.num_batches]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks = chunks[:-1]
+        loader = DataLoader(self.dataset, batch_sampler=chunks, **self.loader_kwargs)
+        return iter(loader)
+
+
+class _GivenBatches:
+    def __init__(self, data, max_batches):
+        self.data, self.max_batches = data, max_batches
+
+    def __iter__(self):
+        for index, batch in enumerate(self.data):
+            if self.max_batches is not None and index >= self.max_batches:
+                return
+            yield batch
+
+
+def split_batch(batch: Any, *, input_key: str | None = None, target_key: str | None = None) -> tuple[Any, Any]:
+    """Split one batch into ``(inputs, targets)``; targets are None for unlabelled data."""
+    if isinstance(batch, dict):
+        in_key = input_key or next((k for k in _INPUT_KEYS if k in batch), None)
+        if in_key is None or in_key not in batch:
+            raise DataError(f"batch is a dict with keys {sorted(batch)[:8]}; pass --input-key")
+        tgt_key = target_key or next((k for k in _TARGET_KEYS if k in batch), None)
+        if target_key is not None and target_key not in batch:
+            raise DataError(f"batch has no key {target_key!r}; keys are {sorted(batch)[:8]}")
+        return batch[in_key], (batch[tgt_key] if tgt_key else None)
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return batch[0], None
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        raise DataError(
+            f"batch has {len(batch)} items; yield (inputs, targets), with inputs a tuple for multi-input models"
+        )
+    raise DataError(f"batch of type {type(batch).__name__}; yield (inputs, targets) tuples or tensors")
+
+
+def batch_length(inputs: Any) -> int:
+    """Number of samples in a batch's inputs (the first tensor found)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 0
+    if isinstance(inputs, dict):
+        return batch_length(next(iter(inputs.values()), None))
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return batch_length(inputs[0])
+    if hasattr(inputs, "shape") and len(inputs.shape):
+        return int(inputs.shape[0])
+    raise DataError(f"cannot find a tensor in batch inputs of type {type(inputs).__name__}")
+
+
+def iter_tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from iter_tensors(item)

@@ -1,0 +1,146 @@
+"""``bncheck.diagnose``: measure the train/eval BatchNorm discrepancy of a model on data."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .batches import plan_batches
+from .devices import resolve_device
+from .errors import InputError, NoNormLayersError
+from .findings import Evidence, find_causes
+from .frameworks import ForwardMode, adapter_for
+from .layer_report import drift_sort_key, measure_layer
+from .passes import PassResult, ScoringOptions, run_passes
+from .report import DataSummary, Gap, Gate, MetricsSet, ModeMetrics, Report, Verdict
+from .tasks import Metrics, Task
+
+DEFAULT_MAX_GAP = 0.05           # accuracy points (as a fraction) or train/eval prediction disagreement
+DEFAULT_MAX_RELATIVE_LOSS_GAP = 0.10  # for tasks without accuracy: (eval loss - train loss) / train loss
+
+
+def diagnose(
+    model: Any,
+    data: Any,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+    max_samples: int | None = None,
+    max_gap: float | None = None,
+    loss_fn: Callable | None = None,
+    output_index: int | None = None,
+    output_key: str | None = None,
+    input_key: str | None = None,
+    target_key: str | None = None,
+    attribute: bool = False,
+    attribute_top: int = 3,
+    attribute_batches: int = 8,
+    missing_running_stats: tuple[str, ...] = (),
+    notes: tuple[str, ...] = (),
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Report:
+    """Compare eval-mode and train-mode BatchNorm on ``data`` and explain any gap.
+
+    The model is never modified: every buffer, momentum and mode flag is restored.
+    ``max_gap`` is the largest accuracy gap (train-mode minus eval-mode) that passes;
+    for tasks without accuracy it is the relative loss gap (default 0.10).
+    """
+    if max_gap is not None and max_gap < 0:
+        raise InputError("max_gap must be >= 0")
+    adapter = adapter_for(model)
+    layers = adapter.norm_layers()
+    require_running_stats(adapter, layers)
+    torch_device = resolve_device(device)
+    plan = plan_batches(data, batch_size=batch_size, seed=seed, max_batches=max_batches, max_samples=max_samples)
+    modes = (ForwardMode.EVAL, ForwardMode.NORM_TRAIN)
+    if adapter.has_dropout():
+        modes += (ForwardMode.FULL_TRAIN,)
+    scoring = ScoringOptions(loss_fn, output_index, output_key, input_key, target_key)
+    initial_training = {layer.name: layer.is_training for layer in layers}
+    result = run_passes(adapter, plan.batches, device=torch_device, modes=modes, scoring=scoring,
+                        progress=progress, total_batches=plan.num_batches)
+    forwards = result.num_batches
+    layer_reports = sorted(
+        (measure_layer(layer, result.layer_stats.get(layer.name), forwards=forwards,
+                       dropout_stats=result.dropout_layer_stats.get(layer.name),
+                       initial_training=initial_training[layer.name]) for layer in layers),
+        key=drift_sort_key,
+    )
+    metrics = _metrics_set(result)
+    gap = _gap(metrics)
+    gate = _gate(result, gap, max_gap)
+    attribution = None
+    if attribute:
+        from .attribution import attribute_gap
+
+        attribution, layer_reports = attribute_gap(
+            adapter, plan, result, layer_reports, device=torch_device, scoring=scoring,
+            top=attribute_top, num_batches=attribute_batches)
+    evidence = Evidence(
+        layers=tuple(layer_reports), metrics=metrics, gap=gap, gate=gate, reshuffled=plan.reshuffled,
+        mean_majority_share=result.mean_majority_share, num_classes_seen=result.num_classes_seen,
+        attribution=attribution, missing_running_stats=missing_running_stats, framework=adapter.framework)
+    return Report(
+        verdict=Verdict.PASS if gate.passed else Verdict.FAIL,
+        task=result.task.value,
+        framework=adapter.framework,
+        device=str(torch_device),
+        metrics=metrics,
+        gap=gap,
+        gate=gate,
+        agreement=result.agreement,
+        output_divergence=result.output_divergence,
+        layers=tuple(layer_reports),
+        findings=find_causes(evidence),
+        data=DataSummary(result.num_samples, result.num_batches, plan.batch_size, plan.reshuffled, seed,
+                         result.mean_majority_share, result.num_classes_seen),
+        attribution=attribution,
+        notes=tuple(notes),
+    )
+
+
+def require_running_stats(adapter, layers) -> None:
+    uninitialized = getattr(adapter, "uninitialized_layers", lambda: [])()
+    if uninitialized:
+        raise InputError(f"lazy norm layer {uninitialized[0]} is not initialised yet; "
+                         "run one forward pass or load a checkpoint before diagnosing")
+    if not layers:
+        raise NoNormLayersError("the model has no BatchNorm/InstanceNorm layers with running statistics: "
+                                "nothing for bncheck to check")
+    if not any(layer.tracks_running_stats for layer in layers):
+        raise NoNormLayersError(
+            f"none of the model's {len(layers)} norm layers keeps running statistics "
+            "(track_running_stats=False): eval mode already uses batch statistics, so there is nothing to compare")
+
+
+def _mode_metrics(metrics: Metrics | None) -> ModeMetrics | None:
+    return None if metrics is None else ModeMetrics(metrics.loss, metrics.accuracy)
+
+
+def _metrics_set(result: PassResult) -> MetricsSet:
+    return MetricsSet(
+        eval=_mode_metrics(result.metrics[ForwardMode.EVAL]),
+        train=_mode_metrics(result.metrics[ForwardMode.NORM_TRAIN]),
+        train_with_dropout=_mode_metrics(result.metrics.get(ForwardMode.FULL_TRAIN)),
+    )
+
+
+def _gap(metrics: MetricsSet) -> Gap:
+    ev, tr = metrics.eval, metrics.train
+    accuracy = tr.accuracy - ev.accuracy if tr.accuracy is not None and ev.accuracy is not None else None
+    loss = ev.loss - tr.loss if ev.loss is not None and tr.loss is not None else None
+    relative = loss / max(abs(tr.loss), 1e-12) if loss is not None else None
+    return Gap(accuracy, loss, relative)
+
+
+def _gate(result: PassResult, gap: Gap, max_gap: float | None) -> Gate:
+    if result.task is Task.LABEL_FREE:
+        threshold = DEFAULT_MAX_GAP if max_gap is None else max_gap
+        value = 1.0 - (result.agreement if result.agreement is not None else 1.0)
+        return Gate("disagreement", value, threshold, value <= threshold)
+    if gap.accuracy is not None:
+        threshold = DEFAULT_MAX_GAP if max_gap is None else max_gap
+        return Gate("accuracy", gap.accuracy, threshold, gap.accuracy <= threshold)
+    threshold = DEFAULT_MAX_RELATIVE_LOSS_GAP if max_gap is None else max_gap
+    value = gap.relative_loss if gap.relative_loss is not None else 0.0
+    return Gate("relative_loss", value, threshold, value <= threshold)

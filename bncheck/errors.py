@@ -1,0 +1,46 @@
+"""Typed exceptions. The library raises these; only ``cli.py`` turns them into
+one-line messages and exit codes."""
+
+
+class BncheckError(Exception):
+    """Base class of every error bncheck raises on purpose."""
+
+
+class InputError(BncheckError):
+    """The user's model, data, checkpoint or options cannot be used (exit code 2)."""
+
+
+class ModelFileError(InputError):
+    """model.py is missing, does not import, or lacks a factory."""
+
+
+class NoNormLayersError(InputError):
+    """The model has no normalization layer with running statistics."""
+
+
+class DataError(InputError):
+    """The data is missing, empty, malformed or has too few samples per batch."""
+
+
+class ShapeMismatchError(InputError):
+    """Model outputs and targets (or inputs and the model) do not fit together."""
+
+
+class NonFiniteError(InputError):
+    """NaN or inf found in inputs or outputs."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file cannot be read or does not fit the model."""
+
+
+class OutputExistsError(InputError):
+    """Refusing to overwrite an existing output file."""
+
+
+class BackendError(InputError):
+    """An optional framework (torchvision, timm, keras, safetensors) is missing or misconfigured."""
+
+
+class ForwardError(InputError):
+    """The model's forward pass raised on the user's data."""

@@ -1,0 +1,301 @@
+"""Root-cause rules: from measured layers and metrics to named findings.
+
+Every rule is a pure function of the report's numbers. Thresholds are module
+constants, documented in the README's findings table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .report import AttributionSummary, Finding, Gap, Gate, LayerReport, MetricsSet, Severity
+
+DRIFT_HIGH = 0.5             # mean 2-Wasserstein drift (in true std units) that counts as wrong statistics
+INITIAL_WEIGHT_HIGH = 0.05   # EMA weight still on the 0/1 initial values
+FEW_CUMULATIVE_UPDATES = 10  # momentum=None layers averaged over fewer batches than this
+MOMENTUM_PORTED = 0.5        # PyTorch momentum above this is almost always a Keras value
+MOMENTUM_HIGH = 0.2          # with noisy batch means, running stats follow the last batches
+BATCH_SPREAD_HIGH = 0.5      # std of batch means over true std
+SMALL_BATCH_SAMPLES = 16     # samples per channel in one batch
+LABEL_SORTED_SHARE = 0.9     # mean share of a batch's majority class
+DROPOUT_VAR_SHIFT = 0.1      # |variance ratio with dropout on vs off - 1|
+ALL_FIXED_RECOVERS = 0.5     # share of the gap exact statistics must close to blame the running stats
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything the rules read."""
+
+    layers: tuple[LayerReport, ...]
+    metrics: MetricsSet | None = None
+    gap: Gap | None = None
+    gate: Gate | None = None
+    reshuffled: bool = True
+    mean_majority_share: float | None = None
+    num_classes_seen: int | None = None
+    attribution: AttributionSummary | None = None
+    missing_running_stats: tuple[str, ...] = ()
+    framework: str = "torch"
+
+    @property
+    def has_data(self) -> bool:
+        return self.metrics is not None
+
+    @property
+    def gap_failed(self) -> bool:
+        return self.gate is not None and not self.gate.passed
+
+
+def _drifted(layer: LayerReport) -> bool:
+    return layer.drift is not None and layer.drift > DRIFT_HIGH
+
+
+def _names(layers) -> tuple[str, ...]:
+    return tuple(layer.name for layer in layers)
+
+
+def _worst(layers) -> dict:
+    worst = max(layers, key=lambda l: l.drift or 0.0)
+    return {"worst_layer": worst.name, "worst_drift": _round(worst.drift)}
+
+
+def _round(value, digits: int = 4):
+    return None if value is None else round(float(value), digits)
+
+
+def _keras(ev: Evidence) -> bool:
+    return ev.framework == "keras"
+
+
+def _momentum_text(layer: LayerReport) -> str:
+    return f"momentum={layer.momentum}" if layer.momentum is not None else "momentum=None"
+
+
+def never_updated(ev: Evidence) -> list[Finding]:
+    candidates = [l for l in ev.layers if l.tracks_running_stats and (
+        l.running_stats_at_init or l.num_batches_tracked == 0 or l.name in ev.missing_running_stats)]
+    if ev.has_data:
+        candidates = [l for l in candidates if _drifted(l) or l.name in ev.missing_running_stats]
+    if not candidates:
+        return []
+    tracked = [l for l in ev.layers if l.tracks_running_stats]
+    evidence = {"layers_at_init": len(candidates), "layers_with_running_stats": len(tracked),
+                "num_batches_tracked": sorted({l.num_batches_tracked for l in candidates if l.num_batches_tracked is not None})}
+    if ev.missing_running_stats:
+        evidence["missing_in_checkpoint"] = list(ev.missing_running_stats[:10])
+    if ev.has_data:
+        evidence.update(_worst(candidates))
+    fix = ("Save and load the moving statistics with the weights: model.save('model.keras') or "
+           "model.save_weights(...) keeps non-trainable variables; or run `bncheck recalibrate`."
+           if _keras(ev) else
+           "Save and load buffers with the weights: torch.save(model.state_dict(), path) and "
+           "model.load_state_dict(torch.load(path)) (not named_parameters()); or run "
+           "`bncheck recalibrate model.py -o fixed.pt` to recompute them from data.")
+    severity = Severity.ERROR if ev.has_data or len(candidates) == len(tracked) else Severity.WARNING
+    return [Finding("stats-never-updated", severity, _names(candidates), evidence,
+                    f"{len(candidates)} of {len(tracked)} norm layers hold running statistics that were never "
+                    "updated (mean 0, variance 1) or were not saved/loaded with the checkpoint, so eval mode "
+                    "normalises with the wrong numbers.", fix)]
+
+
+def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
+    def unconverged(l: LayerReport) -> bool:
+        if not l.tracks_running_stats or l.name in exclude or not l.num_batches_tracked:
+            return False
+        if l.update_weight == 0:
+            return False  # momentum 0 freezes the statistics on purpose: not a convergence problem
+        if l.update_weight is None:
+            return l.num_batches_tracked < FEW_CUMULATIVE_UPDATES
+        return (l.initial_weight or 0.0) > INITIAL_WEIGHT_HIGH
+
+    candidates = [l for l in ev.layers if unconverged(l)]
+    if ev.has_data:
+        candidates = [l for l in candidates if _drifted(l)]
+    if not candidates:
+        return []
+    sample = candidates[0]
+    evidence = {"num_batches_tracked": sample.num_batches_tracked, "momentum": sample.momentum,
+                "initial_weight": _round(sample.initial_weight)}
+    if ev.has_data:
+        evidence.update(_worst(candidates))
+    if _keras(ev):
+        fix = ("Use a lower momentum such as BatchNormalization(momentum=0.9), train for more steps, "
+               "or run `bncheck recalibrate model.keras -o fixed.keras`.")
+        momentum_words = f"with momentum {sample.momentum} (Keras convention)"
+    else:
+        fix = ("Use the default momentum: nn.BatchNorm2d(C, momentum=0.1) (PyTorch 0.01 equals Keras 0.99), "
+               "train for more steps, or recompute exact statistics: `bncheck recalibrate model.py -o fixed.pt`.")
+        momentum_words = f"with momentum {sample.momentum}"
+    weight = sample.initial_weight
+    weight_words = f"still {weight:.0%} on the initial 0/1 values" if weight is not None else "few updates"
+    return [Finding("stats-not-converged", Severity.ERROR if ev.has_data else Severity.WARNING, _names(candidates),
+                    evidence,
+                    f"The moving averages saw only {sample.num_batches_tracked} updates {momentum_words}: "
+                    f"{weight_words}, far from the data's statistics.", fix)]
+
+
+def dominated_by_recent(ev: Evidence) -> list[Finding]:
+    ported = [l for l in ev.layers if l.tracks_running_stats and l.update_weight is not None
+              and l.update_weight > MOMENTUM_PORTED]
+    noisy = [l for l in ev.layers if l.tracks_running_stats and l.update_weight is not None
+             and MOMENTUM_HIGH <= l.update_weight <= MOMENTUM_PORTED and _drifted(l)
+             and (l.batch_mean_spread or 0.0) > BATCH_SPREAD_HIGH]
+    candidates = ported + noisy
+    if not candidates:
+        return []
+    drifted = [l for l in candidates if _drifted(l)]
+    severity = Severity.ERROR if drifted and ev.gap_failed else Severity.WARNING
+    if ev.has_data and not drifted:
+        severity = Severity.INFO
+    weight = candidates[0].update_weight
+    evidence = {"update_weight": weight, "effective_batches": _round(1.0 / weight, 2) if weight else None}
+    if ev.has_data:
+        evidence.update(_worst(candidates))
+        evidence["batch_mean_spread"] = _round(max((l.batch_mean_spread or 0.0) for l in candidates))
+    if _keras(ev):
+        fix = ("Keras momentum is the weight on the old value: use BatchNormalization(momentum=0.99), "
+               "then `bncheck recalibrate` to recompute the statistics over the whole data.")
+    else:
+        fix = ("PyTorch momentum is the weight on the new batch: use nn.BatchNorm2d(C, momentum=0.1) "
+               "(a Keras momentum of 0.9/0.99 is PyTorch 0.1/0.01), then `bncheck recalibrate model.py -o fixed.pt`.")
+    return [Finding("stats-dominated-by-recent-batches", severity, _names(candidates), evidence,
+                    f"Each batch moves the running statistics by {weight:.0%}, so they reflect the last "
+                    f"~{max(1, round(1 / weight))} batches of training rather than the data as a whole.", fix)]
+
+
+def frozen_in_train_mode(ev: Evidence) -> list[Finding]:
+    candidates = [l for l in ev.layers if l.tracks_running_stats and l.params_frozen and l.training]
+    if ev.has_data:
+        candidates = [l for l in candidates if _drifted(l)]
+    if not candidates:
+        return []
+    evidence = {"frozen_layers_in_train_mode": len(candidates)}
+    if ev.has_data:
+        evidence.update(_worst(candidates))
+    fix = ("Keras 3 runs trainable=False BatchNormalization in inference mode; call the frozen base as "
+           "base_model(x, training=False), then `bncheck recalibrate` if its statistics are stale."
+           if _keras(ev) else
+           "Keep frozen norm layers in eval mode after every model.train(): "
+           "for m in backbone.modules(): m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None; "
+           "or recompute their statistics on the new data with `bncheck recalibrate`.")
+    return [Finding("frozen-bn-in-train-mode", Severity.ERROR if ev.has_data else Severity.WARNING,
+                    _names(candidates), evidence,
+                    f"{len(candidates)} norm layers have frozen affine parameters but run in train mode: "
+                    "training normalises with batch statistics while eval uses running statistics of other data.",
+                    fix)]
+
+
+def mismatch(ev: Evidence, exclude: set[str]) -> list[Finding]:
+    if not ev.has_data:
+        return []
+    candidates = [l for l in ev.layers if _drifted(l) and l.name not in exclude]
+    if not candidates or not (ev.gap_failed or _attribution_recovers(ev)):
+        return []
+    evidence = _worst(candidates)
+    evidence["mean_shift_max"] = _round(max(l.mean_shift_max or 0.0 for l in candidates))
+    evidence["var_ratio_max"] = _round(max(l.var_ratio_max or 0.0 for l in candidates))
+    if ev.attribution is not None:
+        evidence["gap_recovered_by_exact_stats"] = _round(ev.attribution.all_fixed.recovered_share)
+    return [Finding("stats-mismatch", Severity.ERROR if ev.gap_failed else Severity.WARNING, _names(candidates),
+                    evidence,
+                    f"{len(candidates)} norm layers hold running statistics of different data (another domain, "
+                    "preprocessing, or stale statistics after fine-tuning or weight averaging).",
+                    "Recompute the statistics on data like this: `bncheck recalibrate ... -o fixed` "
+                    "(or torch.optim.swa_utils.update_bn after weight averaging).")]
+
+
+def _attribution_recovers(ev: Evidence) -> bool:
+    share = ev.attribution.all_fixed.recovered_share if ev.attribution is not None else None
+    return share is not None and share >= ALL_FIXED_RECOVERS
+
+
+def small_batches(ev: Evidence) -> list[Finding]:
+    if not ev.has_data:
+        return []
+    small = [l for l in ev.layers if l.batch_samples is not None and l.batch_samples < SMALL_BATCH_SAMPLES
+             and not l.type.startswith("Instance")]
+    if not small:
+        return []
+    share = ev.attribution.all_fixed.recovered_share if ev.attribution is not None else None
+    persists = ev.gap_failed and share is not None and share < ALL_FIXED_RECOVERS
+    evidence = {"samples_per_batch": min(l.batch_samples for l in small),
+                "batch_mean_spread": _round(max((l.batch_mean_spread or 0.0) for l in small))}
+    if share is not None:
+        evidence["gap_recovered_by_exact_stats"] = _round(share)
+    return [Finding("small-normalization-batch", Severity.ERROR if persists else Severity.INFO, _names(small),
+                    evidence,
+                    f"Batches give these layers only {int(evidence['samples_per_batch'])} samples per channel: "
+                    "train-mode batch statistics are noisy, so train-mode numbers are optimistic or unstable.",
+                    "Use larger batches (or gradient accumulation with a larger physical batch), or replace "
+                    "BatchNorm with GroupNorm/LayerNorm where batches must stay small.")]
+
+
+def label_sorted(ev: Evidence) -> list[Finding]:
+    share = ev.mean_majority_share
+    if ev.reshuffled or share is None or (ev.num_classes_seen or 0) < 2 or share < LABEL_SORTED_SHARE:
+        return []
+    return [Finding("label-sorted-batches", Severity.WARNING, (), {"mean_majority_share": _round(share),
+                                                                  "num_classes": ev.num_classes_seen},
+                    f"The data's batches are nearly single-class (majority class {share:.0%} of each batch on "
+                    "average): batch statistics are unrepresentative in training and in this check.",
+                    "Shuffle the data: DataLoader(dataset, batch_size=..., shuffle=True), or return the Dataset "
+                    "itself so bncheck draws shuffled batches.")]
+
+
+def dropout_shift(ev: Evidence) -> list[Finding]:
+    shifted = [l for l in ev.layers if l.dropout_var_ratio is not None
+               and abs(l.dropout_var_ratio - 1.0) > DROPOUT_VAR_SHIFT]
+    if not shifted:
+        return []
+    evidence = {"dropout_var_ratio_max": _round(max(l.dropout_var_ratio for l in shifted))}
+    message = (f"Dropout runs before {len(shifted)} norm layers, so their input variance differs between "
+               "training (dropout on) and inference (off).")
+    if ev.metrics is not None and ev.metrics.train_with_dropout is not None:
+        evidence["train_with_dropout_loss"] = _round(ev.metrics.train_with_dropout.loss)
+        evidence["train_loss"] = _round(ev.metrics.train.loss)
+        if not ev.gap_failed:
+            message += " The norm layers themselves are consistent: dropout accounts for the difference in training loss."
+    return [Finding("dropout-variance-shift", Severity.WARNING if ev.gap_failed else Severity.INFO,
+                    _names(shifted), evidence, message,
+                    "Place Dropout after the last norm layer (e.g. before the classifier), or recalibrate the "
+                    "statistics with dropout off: `bncheck recalibrate`.")]
+
+
+def batch_dependent(ev: Evidence) -> list[Finding]:
+    layers = [l for l in ev.layers if not l.tracks_running_stats]
+    if not layers:
+        return []
+    return [Finding("batch-dependent-eval", Severity.WARNING, _names(layers), {"layers": len(layers)},
+                    f"{len(layers)} norm layers keep no running statistics, so in eval mode they normalise each "
+                    "batch by itself and a prediction depends on the other samples in its batch.",
+                    "Construct them with track_running_stats=True (the default) and recalibrate, or use "
+                    "GroupNorm/LayerNorm if batch independence is not needed at train time.")]
+
+
+def reused(ev: Evidence) -> list[Finding]:
+    layers = [l for l in ev.layers if l.calls_per_forward > 1.0]
+    if not layers:
+        return []
+    return [Finding("norm-layer-reused", Severity.WARNING, _names(layers),
+                    {"calls_per_forward": _round(max(l.calls_per_forward for l in layers), 2)},
+                    f"{len(layers)} norm modules are called more than once per forward: their running statistics "
+                    "mix inputs from different places in the network.",
+                    "Give each call site its own norm layer (e.g. self.bn1, self.bn2 instead of calling self.bn twice).")]
+
+
+def find_causes(ev: Evidence) -> tuple[Finding, ...]:
+    findings = never_updated(ev)
+    explained = {name for f in findings for name in f.layers}
+    unconverged = not_converged(ev, explained)
+    findings += unconverged
+    frozen = frozen_in_train_mode(ev)
+    recent = dominated_by_recent(ev)
+    for group in (unconverged, frozen, recent):
+        explained |= {name for f in group for name in f.layers}
+    findings += frozen + recent + mismatch(ev, explained)
+    rules: list[Callable[[Evidence], list[Finding]]] = [small_batches, label_sorted, dropout_shift,
+                                                        batch_dependent, reused]
+    for rule in rules:
+        findings += rule(ev)
+    order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
+    return tuple(sorted(findings, key=lambda f: order[f.severity]))

@@ -1,0 +1,147 @@
+"""The two small interfaces the engine relies on."""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    EVAL = "eval"                # everything in inference mode
+    NORM_TRAIN = "train"         # only norm layers normalise with batch statistics
+    FULL_TRAIN = "train_with_dropout"  # the framework's own training mode (dropout on)
+
+
+class NormLayer(ABC):
+    """One normalisation layer that keeps (or could keep) running statistics.
+
+    Conventions are PyTorch's unless a property says otherwise: ``update_weight``
+    is the weight of the new batch in the moving average (PyTorch ``momentum``,
+    Keras ``1 - momentum``).
+    """
+
+    name: str
+    framework: str = "torch"
+
+    @property
+    @abstractmethod
+    def type_name(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def num_features(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def momentum(self) -> float | None:
+        """Momentum in the framework's own convention, as the user wrote it."""
+
+    @property
+    @abstractmethod
+    def update_weight(self) -> float | None:
+        """Weight of each new batch in the moving average; None means a cumulative average."""
+
+    @property
+    @abstractmethod
+    def eps(self) -> float: ...
+
+    @property
+    @abstractmethod
+    def tracks_running_stats(self) -> bool: ...
+
+    @property
+    def per_instance(self) -> bool:
+        """True when running statistics average per-instance statistics (InstanceNorm)."""
+        return False
+
+    @property
+    def channel_dim(self) -> int:
+        return 1
+
+    @property
+    def stores_unbiased_variance(self) -> bool:
+        return True
+
+    @property
+    @abstractmethod
+    def params_frozen(self) -> bool:
+        """True when the affine parameters exist and none of them is trainable."""
+
+    @property
+    @abstractmethod
+    def is_training(self) -> bool:
+        """Whether the layer would normalise with batch statistics as the model is now."""
+
+    @abstractmethod
+    def running_mean(self) -> torch.Tensor | None: ...
+
+    @abstractmethod
+    def running_var(self) -> torch.Tensor | None: ...
+
+    @abstractmethod
+    def num_batches_tracked(self) -> int | None: ...
+
+    @abstractmethod
+    def add_input_hook(self, fn: Callable[[torch.Tensor], None]) -> Any:
+        """Call ``fn(input)`` before every forward; returns a handle with ``remove()``."""
+
+    @abstractmethod
+    def write_running_stats(self, mean: torch.Tensor, biased_var: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """Replace the running statistics (recalibration); the layer picks its variance convention."""
+
+    @property
+    def source_module(self):
+        """The framework object, for identity checks (a module called twice)."""
+        return getattr(self, "module", None)
+
+
+class ModelAdapter(ABC):
+    """What the engine needs from a model: its norm layers, modes, forward and state."""
+
+    framework: str = "torch"
+    model: Any
+
+    @abstractmethod
+    def norm_layers(self) -> list[NormLayer]: ...
+
+    @abstractmethod
+    def has_dropout(self) -> bool: ...
+
+    @abstractmethod
+    def snapshot(self) -> Any:
+        """Everything the engine may touch: buffers, momenta, mode flags, device."""
+
+    @abstractmethod
+    def restore(self, snapshot: Any) -> None: ...
+
+    @abstractmethod
+    def set_mode(self, mode: ForwardMode, *, freeze_running_stats: bool = True) -> None:
+        """Put the model in ``mode``; with ``freeze_running_stats`` running stats stay unchanged."""
+
+    @abstractmethod
+    def forward(self, inputs: Any) -> Any: ...
+
+    @abstractmethod
+    def move_to(self, device: torch.device) -> None: ...
+
+    @abstractmethod
+    def prepare_inputs(self, inputs: Any, device: torch.device) -> Any:
+        """Move a batch's inputs where the model runs and into the form it takes."""
+
+    def clone_model(self) -> Any:
+        """An independent copy of the model, for changes the caller did not ask to make in place."""
+        import copy
+
+        return copy.deepcopy(self.model)
+
+    def save(self, path) -> None:
+        """Write the model's weights and buffers to ``path`` in the framework's own format."""
+        torch.save(self.model.state_dict(), path)
+
+    def output_to_tensor(self, output: Any) -> Any:
+        return output
+
+    def no_grad(self):
+        return torch.no_grad()

@@ -1,0 +1,192 @@
+"""The measuring engine: one load of each batch, several forwards on it.
+
+For every batch: an eval-mode forward (running statistics), a train-mode forward
+(only norm layers use batch statistics, running statistics frozen) during which
+forward pre-hooks stream each norm layer's true input statistics, and, when the
+model has dropout, the framework's full training mode. Everything the engine
+touches is snapshotted first and restored in ``finally``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .batches import batch_length, iter_tensors, split_batch
+from .errors import ForwardError, NonFiniteError, ShapeMismatchError
+from .frameworks import ForwardMode, ModelAdapter
+from .stats import InputStatsAccumulator, LayerInputStats
+from .tasks import (
+    MetricAccumulator,
+    Metrics,
+    Task,
+    infer_task,
+    majority_share,
+    prediction_agreement,
+    relative_divergence,
+    score_batch,
+    select_output,
+)
+
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    loss_fn: Callable | None = None
+    output_index: int | None = None
+    output_key: str | None = None
+    input_key: str | None = None
+    target_key: str | None = None
+
+
+@dataclass(frozen=True)
+class PassResult:
+    task: Task
+    metrics: dict[ForwardMode, Metrics]
+    agreement: float | None          # share of samples whose eval and train-mode predictions agree
+    output_divergence: float | None  # mean ||eval - train|| / ||train|| per sample
+    layer_stats: dict[str, LayerInputStats]
+    dropout_layer_stats: dict[str, LayerInputStats] = field(default_factory=dict)
+    num_batches: int = 0
+    num_samples: int = 0
+    mean_majority_share: float | None = None
+    num_classes_seen: int | None = None
+
+
+def run_passes(
+    adapter: ModelAdapter,
+    batches: Iterable,
+    *,
+    device: torch.device,
+    modes: tuple[ForwardMode, ...] = (ForwardMode.EVAL, ForwardMode.NORM_TRAIN),
+    collect_stats: bool = True,
+    scoring: ScoringOptions = ScoringOptions(),
+    progress: ProgressCallback | None = None,
+    total_batches: int | None = None,
+) -> PassResult:
+    layers = adapter.norm_layers()
+    accumulators: dict[ForwardMode, dict[str, InputStatsAccumulator]] = {
+        mode: {layer.name: InputStatsAccumulator(layer.channel_dim, layer.per_instance) for layer in layers}
+        for mode in modes
+        if collect_stats and mode is not ForwardMode.EVAL
+    }
+    state = {"mode": None}
+
+    def hook_for(name: str):
+        def on_input(x):
+            active = accumulators.get(state["mode"])
+            if active is not None and isinstance(x, torch.Tensor):
+                active[name].add(x)
+        return on_input
+
+    scores = {mode: MetricAccumulator() for mode in modes}
+    agree = [0.0, 0]
+    diverge = [0.0, 0]
+    shares: list[float] = []
+    classes_seen: set[int] = set()
+    task: Task | None = None
+    num_batches = num_samples = 0
+
+    snapshot = adapter.snapshot()
+    handles = []
+    try:
+        adapter.move_to(device)
+        handles = [layer.add_input_hook(hook_for(layer.name)) for layer in layers]
+        with adapter.no_grad():
+            for index, batch in enumerate(batches):
+                inputs, targets = split_batch(batch, input_key=scoring.input_key, target_key=scoring.target_key)
+                size = batch_length(inputs)
+                if size < 2:
+                    # A lone sample cannot be batch-normalised (a DataLoader's last batch, say).
+                    continue
+                _check_finite(inputs, f"inputs of batch {index}")
+                inputs = adapter.prepare_inputs(inputs, device)
+                if isinstance(targets, torch.Tensor):
+                    targets = targets.to(device)
+                outputs = {}
+                for mode in modes:
+                    state["mode"] = mode
+                    adapter.set_mode(mode)
+                    raw = _forward(adapter, inputs, index)
+                    out = select_output(adapter.output_to_tensor(raw), output_index=scoring.output_index,
+                                        output_key=scoring.output_key)
+                    _check_finite(out, f"{mode.value}-mode outputs of batch {index}")
+                    outputs[mode] = out
+                state["mode"] = None
+                if task is None:
+                    first = next(iter(outputs.values()))
+                    task = infer_task(first, targets, has_loss_fn=scoring.loss_fn is not None)
+                for mode, out in outputs.items():
+                    scores[mode].add(_score(task, out, targets, scoring.loss_fn, index), size)
+                if ForwardMode.EVAL in outputs and ForwardMode.NORM_TRAIN in outputs:
+                    _add(agree, prediction_agreement(outputs[ForwardMode.EVAL], outputs[ForwardMode.NORM_TRAIN]))
+                    _add(diverge, relative_divergence(outputs[ForwardMode.EVAL], outputs[ForwardMode.NORM_TRAIN]))
+                share = majority_share(targets) if task in (Task.CLASSIFICATION, Task.CUSTOM) else None
+                if share is not None:
+                    shares.append(share)
+                    classes_seen.update(torch.unique(targets).tolist())
+                num_batches += 1
+                num_samples += size
+                if progress is not None:
+                    progress(num_batches, total_batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+        adapter.restore(snapshot)
+
+    if task is None:
+        from .errors import DataError
+
+        raise DataError("the data yielded no batch with 2 or more samples")
+    stats = {m: {name: acc.result() for name, acc in accs.items() if acc.result() is not None}
+             for m, accs in accumulators.items()}
+    return PassResult(
+        task=task,
+        metrics={mode: acc.result() for mode, acc in scores.items()},
+        agreement=agree[0] / agree[1] if agree[1] else None,
+        output_divergence=diverge[0] / diverge[1] if diverge[1] else None,
+        layer_stats=stats.get(ForwardMode.NORM_TRAIN, {}),
+        dropout_layer_stats=stats.get(ForwardMode.FULL_TRAIN, {}),
+        num_batches=num_batches,
+        num_samples=num_samples,
+        mean_majority_share=sum(shares) / len(shares) if shares else None,
+        num_classes_seen=len(classes_seen) if shares else None,
+    )
+
+
+def _add(acc: list, pair: tuple[float, int]) -> None:
+    acc[0] += pair[0]
+    acc[1] += pair[1]
+
+
+def _check_finite(value: Any, what: str) -> None:
+    for tensor in iter_tensors(value):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{what} contain NaN or inf; clean the data (or the model) before diagnosing")
+
+
+def _forward(adapter: ModelAdapter, inputs: Any, index: int) -> Any:
+    try:
+        return adapter.forward(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        shapes = [tuple(t.shape) for t in iter_tensors(inputs)]
+        shape_text = shapes[0] if len(shapes) == 1 else shapes
+        cls = ShapeMismatchError if any(w in first_line for w in ("shape", "size", "mat1", "dimension", "channels")) \
+            else ForwardError
+        raise cls(f"the model's forward failed on batch {index} with inputs {shape_text}: {first_line}") from error
+
+
+def _score(task, outputs, targets, loss_fn, index):
+    try:
+        return score_batch(task, outputs, targets, loss_fn)
+    except ShapeMismatchError:
+        raise
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ShapeMismatchError(
+            f"cannot score batch {index}: outputs {tuple(outputs.shape)}, targets "
+            f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
