@@ -1,0 +1,70 @@
+"""Per-layer attribution: how much of the eval/train gap each layer's statistics cost.
+
+For the most drifted layers, eval mode is re-run on a few cached batches with only
+that layer's running statistics replaced by the true ones, then with those layers
+together, then with every layer. Cost: ``top + 3`` eval-mode passes over
+``num_batches`` batches (baseline and train-mode reference share one pass).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+from .frameworks import ForwardMode, ModelAdapter
+from .passes import PassResult, ScoringOptions, run_passes
+from .report import Attribution, AttributionSummary, LayerReport, ModeMetrics
+
+
+def attribute_gap(adapter: ModelAdapter, plan, result: PassResult, layer_reports: list[LayerReport], *,
+                  device, scoring: ScoringOptions, top: int, num_batches: int):
+    batches = list(itertools.islice(iter(plan.batches), num_batches))
+    reference = run_passes(adapter, batches, device=device, modes=(ForwardMode.EVAL, ForwardMode.NORM_TRAIN),
+                           collect_stats=False, scoring=scoring)
+    baseline = _metrics(reference.metrics[ForwardMode.EVAL])
+    target = _metrics(reference.metrics[ForwardMode.NORM_TRAIN])
+    by_name = {layer.name: layer for layer in adapter.norm_layers()}
+    fixable = [l for l in layer_reports if l.drift is not None and l.name in result.layer_stats]
+    chosen = [l.name for l in fixable[:top]]
+
+    def evaluate_with_true_stats(names) -> Attribution:
+        snapshot = adapter.snapshot()
+        try:
+            for name in names:
+                stats = result.layer_stats[name]
+                by_name[name].write_running_stats(stats.mean, stats.var, stats.var_unbiased)
+            outcome = run_passes(adapter, batches, device=device, modes=(ForwardMode.EVAL,),
+                                 collect_stats=False, scoring=scoring)
+        finally:
+            adapter.restore(snapshot)
+        fixed = _metrics(outcome.metrics[ForwardMode.EVAL])
+        return Attribution(fixed.loss, fixed.accuracy, recovered_share(baseline, target, fixed))
+
+    per_layer = {name: evaluate_with_true_stats([name]) for name in chosen}
+    top_fixed = evaluate_with_true_stats(chosen)
+    all_fixed = evaluate_with_true_stats([l.name for l in fixable])
+    summary = AttributionSummary(tuple(chosen), top_fixed, all_fixed, baseline, target, len(batches),
+                                 num_forwards=(len(chosen) + 4) * len(batches))
+    updated = [replace(l, attribution=per_layer.get(l.name)) for l in layer_reports]
+    return summary, updated
+
+
+def _metrics(metrics) -> ModeMetrics:
+    return ModeMetrics(metrics.loss, metrics.accuracy)
+
+
+def recovered_share(baseline: ModeMetrics, target: ModeMetrics, fixed: ModeMetrics,
+                    min_gap: float = 1e-3) -> float | None:
+    """Share of the baseline-to-target gap that ``fixed`` closes (1 = fully, 0 = not at all).
+
+    Accuracy when available, else loss; None when there is no gap to close.
+    """
+    if baseline.accuracy is not None and target.accuracy is not None and fixed.accuracy is not None:
+        gap = target.accuracy - baseline.accuracy
+        if abs(gap) >= min_gap:
+            return (fixed.accuracy - baseline.accuracy) / gap
+    if baseline.loss is None or target.loss is None or fixed.loss is None:
+        return None
+    gap = baseline.loss - target.loss
+    if abs(gap) < min_gap * max(1.0, abs(target.loss)):
+        return None
+    return (baseline.loss - fixed.loss) / gap

@@ -1,0 +1,303 @@
+"""The ``bncheck`` command: a thin layer over the library.
+
+Commands parse options, call the library, render the result and map exceptions
+to exit codes: 0 pass, 1 discrepancy found, 2 usage or input error. Heavy
+imports (torch) happen inside the commands so that ``--help`` stays instant.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .render import OutputFormat, RenderOptions
+
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+
+
+class InputProblem(click.ClickException):
+    exit_code = EXIT_ERROR
+
+
+def _fail_on_errors(command):
+    """Turn library exceptions into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .errors import BncheckError
+
+        try:
+            return command(*args, **kwargs)
+        except BncheckError as error:
+            raise InputProblem(str(error)) from error
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if os.environ.get("BNCHECK_DEBUG"):
+                raise
+            raise InputProblem(f"internal error: {type(error).__name__}: {error} "
+                               "(set BNCHECK_DEBUG=1 for the traceback)") from error
+
+    return wrapper
+
+
+def _check_device(ctx, param, value):
+    from .devices import validate_device_text
+    from .errors import InputError
+
+    try:
+        return validate_device_text(value)
+    except InputError as error:
+        raise click.BadParameter(str(error)) from error
+
+
+def model_options(command):
+    """MODEL argument and how to build it."""
+    for decorator in reversed([
+        click.argument("model_spec", metavar="MODEL"),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), help="State dict (or Lightning/DDP/compile "
+                     "checkpoint, or .safetensors) to load on top of the model."),
+        click.option("--unsafe-pickle", is_flag=True, help="Allow checkpoints that hold pickled Python objects "
+                     "(a full model). Unpickling runs code from the file: only for files you trust."),
+        click.option("--num-classes", type=click.IntRange(min=1), help="Classes for torchvision:/timm: models."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def data_options(command):
+    for decorator in reversed([
+        click.option("--data", "data_path", type=click.Path(), help="Image folder, .pt/.pth, .npz or .npy "
+                     "to use instead of model.py's data."),
+        click.option("--image-size", type=click.IntRange(min=1), help="Resize images in an image folder."),
+        click.option("--normalize", default="auto", show_default=True,
+                     help="auto (imagenet for image folders, none for tensor files), imagenet, none or MEAN,STD."),
+        click.option("--layout", type=click.Choice(["auto", "NCHW", "NHWC"]), default="auto", show_default=True,
+                     help="Layout of 4-D arrays in --data."),
+        click.option("--input-key", help="Key of the inputs when batches or files are dicts."),
+        click.option("--target-key", help="Key of the targets when batches or files are dicts."),
+        click.option("--device", default="auto", show_default=True, envvar="BNCHECK_DEVICE",
+                     callback=_check_device, help="auto, cpu, cuda or cuda:N."),
+        click.option("--batch-size", type=click.IntRange(min=2), help="Batch size (default: the loader's)."),
+        click.option("--seed", type=int, default=0, show_default=True, envvar="BNCHECK_SEED",
+                     help="Seed of the batch shuffle."),
+        click.option("--max-batches", type=click.IntRange(min=1), envvar="BNCHECK_MAX_BATCHES",
+                     help="Use at most N batches (a seeded uniform subset)."),
+        click.option("--quiet", "-q", is_flag=True, envvar="BNCHECK_QUIET", help="No progress bar."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def output_options(command):
+    for decorator in reversed([
+        click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default="terminal",
+                     show_default=True, envvar="BNCHECK_FORMAT", help="Report format (stdout or -o)."),
+        click.option("--all-layers", is_flag=True, help="Show every norm layer, not only the top ones."),
+        click.option("--top", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Norm layers shown by default."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _render_options(all_layers, top, per_channel=False, to_file=False) -> RenderOptions:
+    return RenderOptions(all_layers=all_layers, top=top, per_channel=per_channel,
+                         color=not to_file and sys.stdout.isatty())
+
+
+def _emit(text: str, path: str | None) -> None:
+    """Report to stdout, or to a file written only once complete."""
+    if path is None:
+        click.echo(text, nl=False)
+        return
+    write_atomically(Path(path), text.encode())
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputProblem(f"output folder does not exist: {directory}")
+    handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(payload)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class _Progress:
+    """A rich progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, quiet: bool, description: str):
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.description = description
+        self._progress = self._task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._progress = Progress(console=Console(stderr=True), transient=True)
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=None)
+        return self
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+
+def _load(model_spec, *, need_data, checkpoint, unsafe_pickle, num_classes, data_path=None, image_size=None,
+          normalize="auto", layout="auto", input_key=None, target_key=None):
+    from .loading.sources import DataOptions, load_inputs
+
+    return load_inputs(model_spec, need_data=need_data, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                       num_classes=num_classes,
+                       data=DataOptions(data_path, image_size, normalize, layout, input_key, target_key))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="bncheck")
+def main():
+    """Find, explain and fix BatchNorm train/eval discrepancies.
+
+    MODEL is a model.py (defining build_model() and get_dataloader()), optionally
+    path.py:factory; torchvision:NAME or timm:NAME with --checkpoint and --data;
+    or a .keras file.
+
+    Exit codes: 0 pass, 1 discrepancy found, 2 usage or input error.
+    """
+
+
+@main.command()
+@model_options
+@data_options
+@output_options
+@click.option("--max-samples", type=click.IntRange(min=2), help="Use at most N samples (seeded uniform subset).")
+@click.option("--max-gap", type=click.FloatRange(min=0), envvar="BNCHECK_MAX_GAP",
+              help="Largest train-minus-eval accuracy gap that passes, as a fraction [default: 0.05]; "
+                   "for tasks without accuracy, the relative loss gap [default: 0.10].")
+@click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
+@click.option("--output-key", help="Which key or attribute of the output holds the predictions.")
+@click.option("--per-channel", is_flag=True, help="JSON: add per-channel true and running statistics.")
+@click.option("--attribute", is_flag=True, help="Measure how much of the gap each top layer's statistics cost.")
+@click.option("--attribute-top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Layers to attribute (most drifted first).")
+@click.option("--attribute-batches", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batches per attribution forward; cost: (top + 2) eval passes over them.")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
+              help="Write the report to FILE (only once complete) instead of stdout.")
+@_fail_on_errors
+def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, image_size, normalize, layout,
+             input_key, target_key, device, batch_size, seed, max_batches, quiet, fmt, all_layers, top,
+             max_samples, max_gap, output_index, output_key, per_channel, attribute, attribute_top,
+             attribute_batches, output_path):
+    """Compare eval-mode and train-mode BatchNorm on the data and explain the gap.
+
+    Example: bncheck diagnose examples/resnet_three_images/model.py
+    """
+    from .diagnosis import diagnose as run_diagnosis
+    from .render import renderer_for
+
+    loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                   num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
+                   layout=layout, input_key=input_key, target_key=target_key)
+    with _Progress(quiet, "diagnosing") as progress:
+        report = run_diagnosis(
+            loaded.model, loaded.data, device=device, batch_size=batch_size, seed=seed, max_batches=max_batches,
+            max_samples=max_samples, max_gap=max_gap, loss_fn=loaded.loss_fn, output_index=output_index,
+            output_key=output_key, input_key=input_key, target_key=target_key, attribute=attribute,
+            attribute_top=attribute_top, attribute_batches=attribute_batches,
+            missing_running_stats=loaded.missing_running_stats, notes=loaded.notes, progress=progress)
+    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, per_channel, output_path is not None))
+    _emit(renderer.diagnosis(report), output_path)
+    sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
+
+
+@main.command()
+@model_options
+@output_options
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
+              help="Write the report to FILE instead of stdout.")
+@_fail_on_errors
+def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers, top, output_path):
+    """Check norm layers without data: init-valued stats, momentum, frozen layers, reuse.
+
+    Example: bncheck inspect model.py --checkpoint last.ckpt
+    """
+    from .inspection import inspect as run_inspection
+    from .render import renderer_for
+
+    loaded = _load(model_spec, need_data=False, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                   num_classes=num_classes)
+    report = run_inspection(loaded.model, missing_running_stats=loaded.missing_running_stats, notes=loaded.notes)
+    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, False, output_path is not None))
+    _emit(renderer.inspection(report), output_path)
+    sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
+
+
+@main.command()
+@model_options
+@data_options
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="New checkpoint: a state_dict (.pt), or a .keras file for Keras models.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--num-samples", type=click.IntRange(min=2), help="Recompute from at most N samples.")
+@click.option("--include-frozen", is_flag=True, help="Also recompute layers whose parameters are frozen.")
+@click.option("--val-data", type=click.Path(), help="Also report eval metrics before/after on this data.")
+@click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default="terminal",
+              show_default=True, envvar="BNCHECK_FORMAT", help="Summary format (stdout).")
+@_fail_on_errors
+def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, image_size, normalize, layout,
+                input_key, target_key, device, batch_size, seed, max_batches, quiet, output_path, force,
+                num_samples, include_frozen, val_data, fmt):
+    """Recompute exact running statistics from data and write a new checkpoint.
+
+    Example: bncheck recalibrate model.py -o fixed.pt
+    """
+    from .errors import OutputExistsError
+    from .recalibration import recalibrate as run_recalibration, save_recalibrated
+    from .render import renderer_for
+
+    target = Path(output_path)
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
+    if checkpoint is not None and Path(checkpoint).resolve() == target.resolve():
+        raise OutputExistsError("-o must differ from --checkpoint: the original checkpoint is never overwritten")
+    loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                   num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
+                   layout=layout, input_key=input_key, target_key=target_key)
+    validation = None
+    if val_data is not None:
+        from .loading.data_sources import load_data_path
+
+        validation = load_data_path(val_data, image_size=image_size, normalize=normalize, layout=layout,
+                                    input_key=input_key, target_key=target_key,
+                                    channels_last=loaded.framework == "keras")
+    with _Progress(quiet, "recalibrating") as progress:
+        result, fixed_model = run_recalibration(
+            loaded.model, loaded.data, inplace=True, device=device, batch_size=batch_size, seed=seed,
+            max_batches=max_batches, num_samples=num_samples, include_frozen=include_frozen,
+            val_data=validation, loss_fn=loaded.loss_fn, input_key=input_key, target_key=target_key,
+            progress=progress, return_model=True)
+    saved = save_recalibrated(fixed_model, target, result)
+    renderer = renderer_for(OutputFormat(fmt))(RenderOptions(color=sys.stdout.isatty()))
+    _emit(renderer.recalibration(saved), None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Getting the user's model, weights and data from what they have on disk."""

@@ -1,0 +1,133 @@
+"""From command-line words to a model, its weights and its data.
+
+``MODEL`` is ``path/model.py[:factory]``, ``torchvision:NAME``, ``timm:NAME`` or a
+``.keras`` file; ``--checkpoint`` loads weights on top; ``--data`` replaces
+model.py's data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DataError, InputError
+
+RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    path: str | None = None
+    image_size: int | None = None
+    normalize: str = "auto"
+    layout: str = "auto"
+    input_key: str | None = None
+    target_key: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedInputs:
+    model: Any
+    data: Any
+    loss_fn: Callable | None
+    framework: str
+    missing_running_stats: tuple[str, ...] = ()   # layer names whose buffers the checkpoint lacked
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def is_keras_file(spec: str) -> bool:
+    return spec.endswith((".keras", ".h5"))
+
+
+def load_inputs(
+    model_spec: str,
+    *,
+    need_data: bool = True,
+    checkpoint: str | None = None,
+    unsafe_pickle: bool = False,
+    num_classes: int | None = None,
+    data: DataOptions = DataOptions(),
+) -> LoadedInputs:
+    notes: list[str] = []
+    loss_fn = None
+    user_data = None
+    from .model_sources import build_named_model, is_named_model_spec
+
+    if is_named_model_spec(model_spec):
+        model = build_named_model(model_spec, num_classes=num_classes)
+        if checkpoint is None:
+            notes.append(f"{model_spec} was built with random weights (no --checkpoint)")
+    elif is_keras_file(model_spec):
+        from .keras_files import load_keras_model
+
+        model = load_keras_model(model_spec)
+    else:
+        from .user_module import load_user_module
+
+        module = load_user_module(model_spec, need_data=need_data and data.path is None)
+        model, user_data, loss_fn = module.model, module.data, module.loss_fn
+    framework = "keras" if _is_keras(model) else "torch"
+    if checkpoint is not None and checkpoint.endswith(".keras") and framework == "keras":
+        raise InputError("load .keras files as the MODEL argument, not with --checkpoint")
+    missing: tuple[str, ...] = ()
+    if checkpoint is not None:
+        if framework == "keras":
+            _load_keras_weights(model, checkpoint)
+        else:
+            model, missing, load_notes = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
+            notes += load_notes
+    loaded_data = user_data
+    if data.path is not None:
+        from .data_sources import load_data_path
+
+        loaded_data = load_data_path(data.path, image_size=data.image_size, normalize=data.normalize,
+                                     layout=data.layout, input_key=data.input_key, target_key=data.target_key,
+                                     channels_last=framework == "keras")
+    if need_data and loaded_data is None:
+        raise DataError(f"no data for {model_spec}: pass --data PATH")
+    return LoadedInputs(model, loaded_data, loss_fn, framework, missing, tuple(notes))
+
+
+def _is_keras(model: Any) -> bool:
+    import sys
+
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(model, getattr(keras, "Model", ()))
+
+
+def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
+    from .checkpoints import load_checkpoint_into
+
+    result = load_checkpoint_into(model, path, unsafe_pickle=unsafe_pickle)
+    notes = []
+    if getattr(result, "stripped_prefix", ""):
+        notes.append(f"checkpoint keys had prefix {result.stripped_prefix!r}, stripped to fit the model")
+    running = set(result.missing_running_stats)
+    other_missing = [k for k in result.missing if k not in running]
+    if other_missing:
+        notes.append(f"checkpoint lacks {len(other_missing)} model keys (first: {other_missing[0]}); "
+                     "they keep the model's initial values")
+    if result.unexpected:
+        notes.append(f"checkpoint has {len(result.unexpected)} keys the model does not use "
+                     f"(first: {result.unexpected[0]})")
+    if running:
+        notes.append(f"checkpoint lacks {len(running)} running-statistics buffers (first: {sorted(running)[0]})")
+    layers = tuple(sorted({_layer_of(k) for k in running}))
+    model = getattr(result, "model", None) or model
+    return model, layers, notes
+
+
+def _layer_of(key: str) -> str:
+    for suffix in RUNNING_STAT_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def _load_keras_weights(model, path: str) -> None:
+    if not Path(path).exists():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        model.load_weights(path)
+    except Exception as error:
+        raise InputError(f"cannot load Keras weights from {path}: {error}") from error
