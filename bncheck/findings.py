@@ -5,6 +5,7 @@ constants, documented in the README's findings table.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,6 +13,7 @@ from .report import AttributionSummary, Finding, Gap, Gate, LayerReport, Metrics
 
 DRIFT_HIGH = 0.5             # mean 2-Wasserstein drift (in true std units) that counts as wrong statistics
 INITIAL_WEIGHT_HIGH = 0.05   # EMA weight still on the 0/1 initial values
+KERAS_WEIGHT_AT_INIT_HIGH = 0.5  # Keras (no counter): moving stats covered under half the way from 0/1 to the data
 FEW_CUMULATIVE_UPDATES = 10  # momentum=None layers averaged over fewer batches than this
 MOMENTUM_PORTED = 0.5        # PyTorch momentum above this is almost always a Keras value
 MOMENTUM_HIGH = 0.2          # with noisy batch means, running stats follow the last batches
@@ -98,12 +100,32 @@ def never_updated(ev: Evidence) -> list[Finding]:
                     "normalises with the wrong numbers.", fix)]
 
 
+def _keras_weight_at_init(l: LayerReport) -> float | None:
+    """Keras keeps no update counter, so with data measure it: the share of the way from the 0/1
+    initial values to the data's statistics that the moving statistics have NOT covered (per channel
+    as points (mean, std) in true-std units, summed). That is the EMA weight still on 0/1 when training
+    saw statistics like the data's; statistics of other data (pretrained ones) cover the way or more."""
+    c = l.channels
+    if l.framework != "keras" or c is None:
+        return None
+    moved = total = 0.0
+    for mean, var, run_mean, run_var in zip(c.true_mean, c.true_var, c.running_mean, c.running_var):
+        std = math.sqrt(var + l.eps)
+        init = (0.0, math.sqrt(1.0 + l.eps) / std)
+        moved += math.dist((run_mean / std, math.sqrt(max(run_var, 0.0) + l.eps) / std), init)
+        total += math.dist((mean / std, 1.0), init)
+    return max(0.0, 1.0 - moved / total) if total > 0 else None
+
+
 def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
     def unconverged(l: LayerReport) -> bool:
-        if not l.tracks_running_stats or l.name in exclude or not l.num_batches_tracked:
+        if not l.tracks_running_stats or l.name in exclude or l.update_weight == 0:
+            return False  # momentum 0 (Keras: 1) freezes the statistics on purpose: not a convergence problem
+        measured = _keras_weight_at_init(l)
+        if measured is not None:
+            return measured > KERAS_WEIGHT_AT_INIT_HIGH
+        if not l.num_batches_tracked:
             return False
-        if l.update_weight == 0:
-            return False  # momentum 0 freezes the statistics on purpose: not a convergence problem
         if l.update_weight is None:
             return l.num_batches_tracked < FEW_CUMULATIVE_UPDATES
         return (l.initial_weight or 0.0) > INITIAL_WEIGHT_HIGH
@@ -114,24 +136,32 @@ def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
     if not candidates:
         return []
     sample = candidates[0]
+    measured = _keras_weight_at_init(sample)
+    weight = sample.initial_weight if measured is None else measured
     evidence = {"num_batches_tracked": sample.num_batches_tracked, "momentum": sample.momentum,
-                "initial_weight": _round(sample.initial_weight)}
+                "initial_weight": _round(weight)}
     if ev.has_data:
         evidence.update(_worst(candidates))
     if _keras(ev):
         fix = ("Use a lower momentum such as BatchNormalization(momentum=0.9), train for more steps, "
                "or run `bncheck recalibrate model.keras -o fixed.keras`.")
-        momentum_words = f"with momentum {sample.momentum} (Keras convention)"
+        steps = sample.num_batches_tracked
+        if measured is not None:
+            text = (f"The moving averages are still about {measured:.0%} at their initial 0/1 values (momentum "
+                    f"{sample.momentum}, Keras convention; measured against the data's statistics"
+                    + (f", after {steps} optimizer steps" if steps else "") + "), far from the data's statistics.")
+        else:
+            text = (f"The moving averages saw only {steps} optimizer steps with momentum {sample.momentum} (Keras "
+                    f"convention): {weight:.0%} of their weight is still on the values they held before (0/1 "
+                    "for a new layer, the pretrained statistics when fine-tuning).")
     else:
         fix = ("Use the default momentum: nn.BatchNorm2d(C, momentum=0.1) (PyTorch 0.01 equals Keras 0.99), "
                "train for more steps, or recompute exact statistics: `bncheck recalibrate model.py -o fixed.pt`.")
-        momentum_words = f"with momentum {sample.momentum}"
-    weight = sample.initial_weight
-    weight_words = f"still {weight:.0%} on the initial 0/1 values" if weight is not None else "few updates"
+        weight_words = f"still {weight:.0%} on the initial 0/1 values" if weight is not None else "few updates"
+        text = (f"The moving averages saw only {sample.num_batches_tracked} updates with momentum {sample.momentum}: "
+                f"{weight_words}, far from the data's statistics.")
     return [Finding("stats-not-converged", Severity.ERROR if ev.has_data else Severity.WARNING, _names(candidates),
-                    evidence,
-                    f"The moving averages saw only {sample.num_batches_tracked} updates {momentum_words}: "
-                    f"{weight_words}, far from the data's statistics.", fix)]
+                    evidence, text, fix)]
 
 
 def dominated_by_recent(ev: Evidence) -> list[Finding]:
@@ -213,7 +243,7 @@ def small_batches(ev: Evidence) -> list[Finding]:
     if not ev.has_data:
         return []
     small = [l for l in ev.layers if l.batch_samples is not None and l.batch_samples < SMALL_BATCH_SAMPLES
-             and not l.type.startswith("Instance")]
+             and not l.per_instance]
     if not small:
         return []
     share = ev.attribution.all_fixed.recovered_share if ev.attribution is not None else None

@@ -29,7 +29,10 @@ def measure_layer(
     spread = None
     if stats is not None and running_mean is not None and running_var is not None \
             and running_mean.shape == stats.mean.shape:
-        metrics = drift_metrics(stats.mean, stats.var, running_mean, running_var, layer.eps)
+        # Compare with what the layer stores: InstanceNorm keeps the mean of per-instance
+        # unbiased variances, BatchNorm the population variance (n is large, bias negligible).
+        target_var = stats.var_unbiased if layer.per_instance else stats.var
+        metrics = drift_metrics(stats.mean, target_var, running_mean, running_var, layer.eps)
         shift, ratio, drift = metrics.mean_shift, metrics.var_ratio, metrics.drift
         channels = ChannelStats(
             true_mean=tuple(stats.mean.tolist()),
@@ -51,6 +54,7 @@ def measure_layer(
         name=layer.name,
         type=layer.type_name,
         framework=layer.framework,
+        per_instance=layer.per_instance,
         num_features=layer.num_features,
         momentum=layer.momentum,
         update_weight=layer.update_weight,

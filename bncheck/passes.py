@@ -170,7 +170,7 @@ def _check_finite(value: Any, what: str) -> None:
 def _forward(adapter: ModelAdapter, inputs: Any, index: int) -> Any:
     try:
         return adapter.forward(inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+    except Exception as error:  # any failure inside user code is an input problem, not a crash
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         shapes = [tuple(t.shape) for t in iter_tensors(inputs)]
         shape_text = shapes[0] if len(shapes) == 1 else shapes

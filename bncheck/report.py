@@ -79,6 +79,7 @@ class LayerReport:
     name: str
     type: str
     framework: str
+    per_instance: bool               # InstanceNorm: running stats average per-instance statistics
     num_features: int | None
     momentum: float | None           # as the user wrote it (Keras convention for Keras layers)
     update_weight: float | None      # weight of each new batch in the moving average

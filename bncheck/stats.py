@@ -44,18 +44,15 @@ class Moments:
         return self.m2 / denom
 
 
-def channels_first_2d(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """View ``x`` as ``(C, samples)`` where every non-channel position is a sample."""
-    return x.detach().movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
-
-
 def moments_of(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     """Exact per-channel moments of one tensor, computed in float64."""
-    flat = channels_first_2d(x, channel_dim).to(torch.float64)
-    count = flat.shape[1]
-    mean = flat.mean(dim=1)
-    m2 = (flat - mean[:, None]).pow(2).sum(dim=1)
-    return Moments(float(count), mean.cpu(), m2.cpu())
+    x = x.detach()
+    channel_dim %= x.dim()
+    dims = tuple(d for d in range(x.dim()) if d != channel_dim)
+    count = x.numel() // x.shape[channel_dim]
+    # torch's var_mean is a stable two-pass reduction; in float64 it is exact to ~1e-15.
+    var, mean = torch.var_mean(x.to(torch.float64), dim=dims, correction=0)
+    return Moments(float(count), mean.cpu(), (var * count).cpu())
 
 
 def per_instance_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
@@ -65,9 +62,8 @@ def per_instance_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     """
     moved = x.detach().movedim(channel_dim, 1)
     flat = moved.reshape(moved.shape[0] * moved.shape[1], -1).to(torch.float64)
-    mean = flat.mean(dim=1)
-    m2 = (flat - mean[:, None]).pow(2).sum(dim=1)
-    return Moments(float(flat.shape[1]), mean.cpu(), m2.cpu())
+    var, mean = torch.var_mean(flat, dim=1, correction=0)
+    return Moments(float(flat.shape[1]), mean.cpu(), (var * flat.shape[1]).cpu())
 
 
 def merge(a: Moments | None, b: Moments) -> Moments:

@@ -41,6 +41,8 @@ class TorchNormLayer(NormLayer):
 
     @property
     def update_weight(self) -> float | None:
+        if self.per_instance and self.module.momentum is None:
+            return 0.0  # F.instance_norm is called with momentum 0 then: the stats never move
         return self.module.momentum
 
     @property
@@ -77,6 +79,9 @@ class TorchNormLayer(NormLayer):
         return self._buffer("running_var")
 
     def num_batches_tracked(self) -> int | None:
+        if self.per_instance:
+            # F.instance_norm updates running stats but never counts updates: the buffer stays 0.
+            return None
         value = getattr(self.module, "num_batches_tracked", None)
         if value is None or isinstance(value, nn.parameter.UninitializedBuffer):
             return None
