@@ -1,0 +1,389 @@
+"""Root-cause rules: each finding code is triggered by a case built for it, and a near miss is not.
+
+The pure rules are driven with hand-built ``LayerReport`` records; each code is also
+checked end-to-end through ``diagnose()`` on a tiny model with the fault built in.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bncheck
+from bncheck import findings as rules
+from bncheck.findings import Evidence, find_causes
+from bncheck.report import Attribution, AttributionSummary, Gap, Gate, LayerReport, MetricsSet, ModeMetrics, Severity
+from conftest import as_batches, inject_drift, make_mlp, norm_modules, train_briefly
+
+ALL_CODES = {
+    "stats-never-updated", "stats-not-converged", "stats-mismatch", "frozen-bn-in-train-mode",
+    "stats-dominated-by-recent-batches", "small-normalization-batch", "label-sorted-batches",
+    "dropout-variance-shift", "batch-dependent-eval", "norm-layer-reused",
+}
+
+
+def layer(name: str = "bn", **changes) -> LayerReport:
+    """A healthy, converged BatchNorm2d layer record; ``changes`` break one thing."""
+    base = LayerReport(
+        name=name, type="BatchNorm2d", framework="torch", per_instance=False, num_features=4, momentum=0.1, update_weight=0.1,
+        eps=1e-5, tracks_running_stats=True, num_batches_tracked=1000, initial_weight=0.9**1000,
+        params_frozen=False, training=False, calls_per_forward=1.0, batch_samples=512.0,
+        mean_shift_max=0.02, mean_shift_mean=0.01, var_ratio_max=1.02, var_ratio_min=0.98, drift=0.02,
+        drift_max=0.03, running_stats_at_init=False, batch_mean_spread=0.05, dropout_var_ratio=None)
+    return dataclasses.replace(base, **changes)
+
+
+def evidence(*layers: LayerReport, data: bool = True, failed: bool = False, **changes) -> Evidence:
+    if not data:
+        return Evidence(layers=layers, **changes)
+    eval_acc = 0.5 if failed else 0.95
+    metrics = MetricsSet(ModeMetrics(1.2 if failed else 0.2, eval_acc), ModeMetrics(0.2, 0.96), None)
+    gap = Gap(0.96 - eval_acc, metrics.eval.loss - 0.2, (metrics.eval.loss - 0.2) / 0.2)
+    gate = Gate("accuracy", gap.accuracy, 0.05, gap.accuracy <= 0.05)
+    return Evidence(layers=layers, metrics=metrics, gap=gap, gate=gate, **changes)
+
+
+def attribution(all_fixed_share: float) -> AttributionSummary:
+    fixed = Attribution(0.3, 0.9, all_fixed_share)
+    return AttributionSummary(("bn",), fixed, fixed, ModeMetrics(1.2, 0.5), ModeMetrics(0.2, 0.96), 4, 28)
+
+
+def codes(ev: Evidence) -> dict[str, rules.Finding]:
+    found = find_causes(ev)
+    assert len({f.code for f in found}) == len(found), "a code was reported twice"
+    return {f.code: f for f in found}
+
+
+def test_healthy_evidence_has_no_findings():
+    assert codes(evidence(layer("a"), layer("b"))) == {}
+    assert codes(evidence(layer("a"), data=False)) == {}
+
+
+# --------------------------------------------------------------------------- stats-never-updated
+
+
+def test_never_updated_rule():
+    at_init = dict(running_stats_at_init=True, num_batches_tracked=0, initial_weight=1.0, drift=1.4)
+    found = codes(evidence(layer("a", **at_init), layer("b"), failed=True))
+    f = found["stats-never-updated"]
+    assert f.severity is Severity.ERROR and f.layers == ("a",)
+    assert f.evidence["worst_layer"] == "a" and f.evidence["layers_with_running_stats"] == 2
+    # the same layer is not blamed again as unconverged or mismatched
+    assert set(found) == {"stats-never-updated"}
+
+
+def test_never_updated_near_miss_init_stats_that_happen_to_fit_the_data():
+    # running stats at 0/1 but the layer's input really is N(0, 1): nothing wrong in eval mode
+    ev = evidence(layer("a", running_stats_at_init=True, num_batches_tracked=0, initial_weight=1.0, drift=0.05))
+    assert "stats-never-updated" not in codes(ev)
+
+
+def test_never_updated_without_data_and_from_a_checkpoint():
+    at_init = dict(running_stats_at_init=True, num_batches_tracked=0, initial_weight=1.0, drift=None)
+    every = codes(evidence(layer("a", **at_init), layer("b", **at_init), data=False))
+    assert every["stats-never-updated"].severity is Severity.ERROR
+    some = codes(evidence(layer("a", **at_init), layer("b"), data=False))
+    assert some["stats-never-updated"].severity is Severity.WARNING and some["stats-never-updated"].layers == ("a",)
+    missing = codes(evidence(layer("a"), layer("b"), missing_running_stats=("b",)))
+    f = missing["stats-never-updated"]
+    assert f.layers == ("b",) and f.evidence["missing_in_checkpoint"] == ["b"]
+
+
+# --------------------------------------------------------------------------- stats-not-converged
+
+
+def test_not_converged_rule_and_near_misses():
+    few = dict(num_batches_tracked=3, initial_weight=0.9**3, drift=0.9)
+    f = codes(evidence(layer("a", **few), failed=True))["stats-not-converged"]
+    assert f.severity is Severity.ERROR and f.layers == ("a",)
+    assert f.evidence["num_batches_tracked"] == 3 and f.evidence["initial_weight"] == pytest.approx(0.729)
+    # converged (1000 updates) but drifted: a mismatch, not a convergence problem
+    found = codes(evidence(layer("a", drift=0.9), failed=True))
+    assert "stats-not-converged" not in found and found["stats-mismatch"].layers == ("a",)
+    # few updates but accurate statistics: fine
+    assert "stats-not-converged" not in codes(evidence(layer("a", num_batches_tracked=3, initial_weight=0.729)))
+    # momentum 0 freezes statistics on purpose
+    frozen = dict(few, momentum=0.0, update_weight=0.0, initial_weight=1.0)
+    assert "stats-not-converged" not in codes(evidence(layer("a", **frozen), failed=True))
+
+
+def test_not_converged_cumulative_average():
+    cumulative = dict(momentum=None, update_weight=None, initial_weight=0.0, drift=0.9)
+    assert "stats-not-converged" in codes(evidence(layer("a", num_batches_tracked=4, **cumulative), failed=True))
+    assert "stats-not-converged" not in codes(evidence(layer("a", num_batches_tracked=40, **cumulative),
+                                                       failed=True))
+
+
+# --------------------------------------------------------------------------- stats-mismatch
+
+
+def test_mismatch_rule():
+    drifted = layer("a", drift=0.8, mean_shift_max=2.5, var_ratio_max=1.3)
+    f = codes(evidence(drifted, layer("b"), failed=True))["stats-mismatch"]
+    assert f.severity is Severity.ERROR and f.layers == ("a",)
+    assert f.evidence == {"worst_layer": "a", "worst_drift": 0.8, "mean_shift_max": 2.5, "var_ratio_max": 1.3}
+    # near miss: drifted, but the gap passes and nothing shows the drift costs accuracy
+    assert "stats-mismatch" not in codes(evidence(drifted, layer("b")))
+    # drift just under the threshold is not drift
+    assert "stats-mismatch" not in codes(evidence(layer("a", drift=rules.DRIFT_HIGH), failed=True))
+    # gate passes, but exact statistics recover most of the (sub-threshold) gap: a warning
+    f = codes(evidence(drifted, attribution=attribution(0.8)))["stats-mismatch"]
+    assert f.severity is Severity.WARNING and f.evidence["gap_recovered_by_exact_stats"] == 0.8
+    assert "stats-mismatch" not in codes(evidence(drifted, attribution=attribution(0.2)))
+
+
+# --------------------------------------------------------------------------- frozen-bn-in-train-mode
+
+
+def test_frozen_in_train_mode_rule():
+    frozen = dict(params_frozen=True, training=True, drift=1.0)
+    found = codes(evidence(layer("a", **frozen), failed=True))
+    assert found["frozen-bn-in-train-mode"].layers == ("a",)
+    assert found["frozen-bn-in-train-mode"].severity is Severity.ERROR
+    assert "stats-mismatch" not in found  # explained already
+    # near misses: in eval mode; trainable; or frozen and in train mode but with fitting statistics
+    assert "frozen-bn-in-train-mode" not in codes(evidence(layer("a", **dict(frozen, training=False)), failed=True))
+    assert "frozen-bn-in-train-mode" not in codes(evidence(layer("a", **dict(frozen, params_frozen=False)),
+                                                           failed=True))
+    assert "frozen-bn-in-train-mode" not in codes(evidence(layer("a", **dict(frozen, drift=0.1))))
+    assert codes(evidence(layer("a", params_frozen=True, training=True), data=False))[
+        "frozen-bn-in-train-mode"].severity is Severity.WARNING
+
+
+# --------------------------------------------------------------------------- stats-dominated-by-recent-batches
+
+
+def test_dominated_by_recent_batches_rule():
+    ported = layer("a", momentum=0.9, update_weight=0.9, initial_weight=0.0)
+    f = codes(evidence(ported))["stats-dominated-by-recent-batches"]
+    assert f.severity is Severity.INFO  # not drifted on this data: a note
+    assert f.evidence["effective_batches"] == pytest.approx(1.11, abs=0.01)
+    f = codes(evidence(dataclasses.replace(ported, drift=1.0), failed=True))["stats-dominated-by-recent-batches"]
+    assert f.severity is Severity.ERROR
+    assert codes(evidence(ported, data=False))["stats-dominated-by-recent-batches"].severity is Severity.WARNING
+    noisy = layer("a", momentum=0.3, update_weight=0.3, drift=0.8, batch_mean_spread=0.9)
+    assert "stats-dominated-by-recent-batches" in codes(evidence(noisy, failed=True))
+    # near misses: default momentum; or a high momentum whose batches agree with each other
+    assert "stats-dominated-by-recent-batches" not in codes(evidence(layer("a", drift=0.8), failed=True))
+    calm = dataclasses.replace(noisy, batch_mean_spread=0.2)
+    assert "stats-dominated-by-recent-batches" not in codes(evidence(calm, failed=True))
+
+
+# --------------------------------------------------------------------------- small-normalization-batch
+
+
+def test_small_batch_rule():
+    f = codes(evidence(layer("a", batch_samples=8.0, batch_mean_spread=0.4)))["small-normalization-batch"]
+    assert f.severity is Severity.INFO and f.evidence["samples_per_batch"] == 8.0
+    assert "small-normalization-batch" not in codes(evidence(layer("a", batch_samples=16.0)))
+    assert "small-normalization-batch" not in codes(evidence(layer("a", batch_samples=8.0, type="InstanceNorm2d", per_instance=True)))
+    assert "small-normalization-batch" not in codes(evidence(layer("a", batch_samples=8.0), data=False))
+    # the gap fails and exact statistics would not close it: the small batch is the problem
+    persists = codes(evidence(layer("a", batch_samples=8.0), failed=True, attribution=attribution(0.1)))
+    assert persists["small-normalization-batch"].severity is Severity.ERROR
+
+
+# --------------------------------------------------------------------------- label-sorted-batches
+
+
+def test_label_sorted_rule():
+    f = codes(evidence(layer(), reshuffled=False, mean_majority_share=0.97, num_classes_seen=3))
+    assert f["label-sorted-batches"].severity is Severity.WARNING
+    assert f["label-sorted-batches"].evidence == {"mean_majority_share": 0.97, "num_classes": 3}
+    for near_miss in (dict(reshuffled=True, mean_majority_share=1.0, num_classes_seen=3),
+                      dict(reshuffled=False, mean_majority_share=0.6, num_classes_seen=3),
+                      dict(reshuffled=False, mean_majority_share=1.0, num_classes_seen=1),
+                      dict(reshuffled=False, mean_majority_share=None, num_classes_seen=None)):
+        assert "label-sorted-batches" not in codes(evidence(layer(), **near_miss))
+
+
+# --------------------------------------------------------------------------- dropout / batch-dependent / reused
+
+
+def test_dropout_shift_rule():
+    f = codes(evidence(layer("a", dropout_var_ratio=1.4), layer("b", dropout_var_ratio=1.0)))
+    assert f["dropout-variance-shift"].layers == ("a",)
+    assert f["dropout-variance-shift"].severity is Severity.INFO
+    assert codes(evidence(layer("a", dropout_var_ratio=1.4), failed=True))[
+        "dropout-variance-shift"].severity is Severity.WARNING
+    assert "dropout-variance-shift" not in codes(evidence(layer("a", dropout_var_ratio=1.05)))
+
+
+def test_batch_dependent_and_reused_rules():
+    untracked = layer("a", tracks_running_stats=False, drift=None, mean_shift_max=None)
+    f = codes(evidence(untracked, layer("b")))["batch-dependent-eval"]
+    assert f.layers == ("a",) and f.severity is Severity.WARNING
+    assert "batch-dependent-eval" not in codes(evidence(layer("b")))
+    f = codes(evidence(layer("a", calls_per_forward=2.0), layer("b")))["norm-layer-reused"]
+    assert f.layers == ("a",) and f.evidence == {"calls_per_forward": 2.0}
+    assert "norm-layer-reused" not in codes(evidence(layer("a", calls_per_forward=1.0)))
+
+
+def test_errors_come_first():
+    ev = evidence(layer("a", calls_per_forward=2.0), layer("b", drift=2.0), layer("c", batch_samples=4.0),
+                  failed=True)
+    severities = [f.severity for f in find_causes(ev)]
+    assert severities == sorted(severities, key=[Severity.ERROR, Severity.WARNING, Severity.INFO].index)
+    assert severities[0] is Severity.ERROR
+
+
+# =========================================================================== end to end
+
+
+def diagnose(model, data, **options):
+    return bncheck.diagnose(model, data, device="cpu", **options)
+
+
+def found(report) -> dict:
+    return {f.code: f for f in report.findings}
+
+
+def test_healthy_trained_models_pass_without_error_findings(healthy_convnet, images, healthy_mlp,
+                                                            healthy_dropout_mlp, blobs):
+    for model, data in ((healthy_convnet, images), (healthy_mlp, blobs), (healthy_dropout_mlp, blobs)):
+        report = diagnose(model, data)
+        assert report.verdict is bncheck.Verdict.PASS
+        assert report.gate.passed and report.gate.value <= 0.05
+        assert not [f for f in report.findings if f.severity is Severity.ERROR]
+        assert all(l.drift < rules.DRIFT_HIGH for l in report.layers)
+
+
+def test_e2e_never_updated(healthy_convnet, images):
+    for _, bn in norm_modules(healthy_convnet):
+        bn.reset_running_stats()  # like a checkpoint saved from named_parameters()
+    report = diagnose(healthy_convnet, images)
+    f = found(report)["stats-never-updated"]
+    drifted = {l.name for l in report.layers if l.drift > rules.DRIFT_HIGH}
+    assert f.severity is Severity.ERROR and set(f.layers) == drifted and {"bn2", "bn3"} <= drifted
+    assert report.verdict is bncheck.Verdict.FAIL
+    # near miss: a fresh BN layer reading data that already is N(0, 1)
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    fresh = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+    assert "stats-never-updated" not in found(diagnose(fresh, (x, torch.zeros(128, dtype=torch.long))))
+
+
+def test_e2e_not_converged(healthy_convnet, images):
+    x, _ = images
+    for _, bn in norm_modules(healthy_convnet):
+        bn.reset_running_stats()
+    healthy_convnet.train()
+    with torch.no_grad():
+        for xb in x[:96].split(32):  # only three updates with momentum 0.1
+            healthy_convnet(xb)
+    report = diagnose(healthy_convnet, images)
+    f = found(report)["stats-not-converged"]
+    assert f.severity is Severity.ERROR and f.evidence["num_batches_tracked"] == 3
+    assert "stats-never-updated" not in found(report)
+
+
+def test_e2e_mismatch(healthy_convnet, images):
+    inject_drift(healthy_convnet.bn2, 3.0)
+    report = diagnose(healthy_convnet, images)
+    assert found(report)["stats-mismatch"].layers == ("bn2",)
+    assert set(found(report)) == {"stats-mismatch"}
+
+
+def test_e2e_frozen_bn_in_train_mode(healthy_convnet, images):
+    for p in healthy_convnet.bn2.parameters():
+        p.requires_grad_(False)
+    inject_drift(healthy_convnet.bn2, 2.0)  # statistics of the pre-training data
+    healthy_convnet.train()
+    f = found(diagnose(healthy_convnet, images))
+    assert f["frozen-bn-in-train-mode"].layers == ("bn2",)
+    assert "stats-mismatch" not in f
+    healthy_convnet.eval()  # near miss: the frozen layer is kept in eval mode
+    f = found(diagnose(healthy_convnet, images))
+    assert "frozen-bn-in-train-mode" not in f and f["stats-mismatch"].layers == ("bn2",)
+
+
+def test_e2e_momentum_ported_from_keras(blobs, healthy_mlp):
+    x, y = blobs
+    model = make_mlp()
+    for _, bn in norm_modules(model):
+        bn.momentum = 0.9
+    train_briefly(model, x, y, steps=60, settle=5)
+    f = found(diagnose(model, blobs))["stats-dominated-by-recent-batches"]
+    assert set(f.layers) == {"1", "4"} and f.evidence["update_weight"] == 0.9
+    assert "stats-dominated-by-recent-batches" not in found(diagnose(healthy_mlp, blobs))
+
+
+def test_e2e_small_batches(healthy_mlp, blobs):
+    f = found(diagnose(healthy_mlp, blobs, batch_size=8))["small-normalization-batch"]
+    assert set(f.layers) == {"1", "4"} and f.evidence["samples_per_batch"] == 8
+    assert "small-normalization-batch" not in found(diagnose(healthy_mlp, blobs, batch_size=16))
+
+
+def test_e2e_label_sorted_batches(healthy_mlp, blobs):
+    x, y = blobs
+    single_class = [(x[y == c][i:i + 16], y[y == c][i:i + 16]) for c in range(3)
+                    for i in range(0, int((y == c).sum()) - 1, 16)]
+    report = diagnose(healthy_mlp, single_class)
+    assert report.data.mean_majority_share == 1.0 and report.data.num_classes_seen == 3
+    assert found(report)["label-sorted-batches"].severity is Severity.WARNING
+    shuffled = as_batches(x, y, 16)  # the same data, mixed batches, also as given
+    report = diagnose(healthy_mlp, shuffled)
+    assert report.data.mean_majority_share < 0.7
+    assert "label-sorted-batches" not in found(report)
+    # a Dataset is reshuffled by bncheck: never label-sorted, even when stored sorted
+    order = y.argsort()
+    assert "label-sorted-batches" not in found(diagnose(healthy_mlp, (x[order], y[order]), batch_size=16))
+
+
+def test_e2e_dropout_before_bn_shifts_its_variance(healthy_dropout_mlp, blobs):
+    report = diagnose(healthy_dropout_mlp, blobs)
+    f = found(report)["dropout-variance-shift"]
+    assert f.layers == ("5",)  # the BatchNorm1d after Dropout; not the first one
+    bn = next(l for l in report.layers if l.name == "5")
+    assert bn.dropout_var_ratio > 1 + rules.DROPOUT_VAR_SHIFT
+    assert next(l for l in report.layers if l.name == "1").dropout_var_ratio == pytest.approx(1.0, abs=1e-12)
+
+
+def test_e2e_dropout_after_the_last_bn_does_not_trigger(blobs):
+    x, y = blobs
+    model = train_briefly(make_mlp("after_last_bn", p=0.5), x, y, steps=60)
+    report = diagnose(model, blobs)
+    assert report.metrics.train_with_dropout is not None
+    assert "dropout-variance-shift" not in found(report)
+    assert all(l.dropout_var_ratio == pytest.approx(1.0, abs=1e-12) for l in report.layers)
+
+
+def test_e2e_batch_dependent_eval(healthy_mlp, blobs):
+    healthy_mlp[4] = nn.BatchNorm1d(16, track_running_stats=False)
+    f = found(diagnose(healthy_mlp, blobs))["batch-dependent-eval"]
+    assert f.layers == ("4",) and f.evidence == {"layers": 1}
+
+
+class SharedBN(nn.Module):
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.bn = nn.BatchNorm1d(8)
+        self.bn_b = self.bn if shared else nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.fc1(x)))
+        return self.head(F.relu(self.bn_b(self.fc2(h))))
+
+
+def test_e2e_norm_layer_reused(blobs):
+    x, y = blobs
+    shared = train_briefly(SharedBN(shared=True), x, y, steps=40)
+    report = diagnose(shared, blobs)
+    assert [l.name for l in report.layers] == ["bn"]  # one module, listed once
+    assert report.layers[0].calls_per_forward == 2.0
+    assert found(report)["norm-layer-reused"].layers == ("bn",)
+    separate = train_briefly(SharedBN(shared=False), x, y, steps=40)
+    report = diagnose(separate, blobs)
+    assert {l.calls_per_forward for l in report.layers} == {1.0}
+    assert "norm-layer-reused" not in found(report)
+
+
+def test_every_code_is_covered_here():
+    import inspect
+    import re
+
+    source = inspect.getsource(rules)
+    assert set(re.findall(r'Finding\("([a-z-]+)"', source)) == ALL_CODES
