@@ -107,8 +107,11 @@ def output_options(command):
 
 
 def _render_options(all_layers, top, per_channel=False, to_file=False) -> RenderOptions:
-    return RenderOptions(all_layers=all_layers, top=top, per_channel=per_channel,
-                         color=not to_file and sys.stdout.isatty())
+    import shutil
+
+    tty = not to_file and sys.stdout.isatty()
+    width = shutil.get_terminal_size((120, 40)).columns if tty else 120
+    return RenderOptions(all_layers=all_layers, top=top, per_channel=per_channel, color=tty, width=width)
 
 
 def _emit(text: str, path: str | None) -> None:
@@ -274,10 +277,11 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
     from .render import renderer_for
 
     target = Path(output_path)
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
+    # Checked first: --force, which the next message suggests, would not help here.
     if checkpoint is not None and Path(checkpoint).resolve() == target.resolve():
         raise OutputExistsError("-o must differ from --checkpoint: the original checkpoint is never overwritten")
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
     loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                    num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
                    layout=layout, input_key=input_key, target_key=target_key)

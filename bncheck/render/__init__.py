@@ -17,7 +17,7 @@ class RenderOptions:
     top: int = 8
     per_channel: bool = False
     color: bool = False
-    width: int = 110
+    width: int = 120
 
 
 def renderer_for(fmt: OutputFormat):

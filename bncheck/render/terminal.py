@@ -28,7 +28,7 @@ class TerminalRenderer:
         verdict = Text("PASS", style="bold green") if report.passed else Text("FAIL", style="bold red")
         console.print(Text.assemble("bncheck diagnose: ", verdict, f"  {gate_text(report.gate)}"))
         d = report.data
-        console.print(f"{d.num_samples} samples in {d.num_batches} batches"
+        console.print(f"{d.num_samples} samples in {d.num_batches} batch{'' if d.num_batches == 1 else 'es'}"
                       f"{f' of {d.batch_size}' if d.batch_size else ''}"
                       f" ({'seeded shuffle, seed ' + str(d.seed) if d.reshuffled else 'batches as your loader yields them'})"
                       f", task: {report.task}, device: {report.device}", style="dim")
@@ -70,11 +70,11 @@ class TerminalRenderer:
         table = Table(title=title, title_justify="left")
         table.add_column("layer", overflow="fold", min_width=12)
         for column, justify in (("type", "left"), ("drift", "right"), ("", "left"),
-                                ("mean shift max", "right"), ("var ratio max", "right"), ("momentum", "right"),
-                                ("batches", "right")):
+                                ("shift max", "right"), ("var ratio", "right"), ("momentum", "right"),
+                                ("updates", "right")):
             table.add_column(column, justify=justify)
         if attribution:
-            table.add_column("gap recovered", justify="right")
+            table.add_column("recovers", justify="right")
         for l in shown:
             row = [l.name, l.type, num(l.drift, 3), Text(bar(l.drift, scale, 12), style=drift_style(l.drift)),
                    num(l.mean_shift_max, 3), num(l.var_ratio_max, 3), momentum_text(l),
