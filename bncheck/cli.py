@@ -18,10 +18,16 @@ from . import __version__
 from .render import OutputFormat, RenderOptions
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT; click's default 1 would read as "discrepancy found"
 
 
 class InputProblem(click.ClickException):
     exit_code = EXIT_ERROR
+
+
+def _one_line(text: str) -> str:
+    """Messages of torch and user code can span lines; stderr gets exactly one."""
+    return " ".join(text.split())
 
 
 def _fail_on_errors(command):
@@ -34,14 +40,17 @@ def _fail_on_errors(command):
         try:
             return command(*args, **kwargs)
         except BncheckError as error:
-            raise InputProblem(str(error)) from error
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise InputProblem(_one_line(str(error))) from error
+        except KeyboardInterrupt:
+            click.echo("Aborted!", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
             if os.environ.get("BNCHECK_DEBUG"):
                 raise
-            raise InputProblem(f"internal error: {type(error).__name__}: {error} "
-                               "(set BNCHECK_DEBUG=1 for the traceback)") from error
+            raise InputProblem(_one_line(f"internal error: {type(error).__name__}: {error} "
+                                         "(set BNCHECK_DEBUG=1 for the traceback)")) from error
 
     return wrapper
 
@@ -120,6 +129,12 @@ def _emit(text: str, path: str | None) -> None:
         click.echo(text, nl=False)
         return
     write_atomically(Path(path), text.encode())
+
+
+def _require_output_folder(path: str | None) -> None:
+    """Fail before the work, not after it, when -o points into a missing folder."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise InputProblem(f"output folder does not exist: {Path(path).parent}")
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
@@ -216,6 +231,7 @@ def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, imag
     from .diagnosis import diagnose as run_diagnosis
     from .render import renderer_for
 
+    _require_output_folder(output_path)
     loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                    num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
                    layout=layout, input_key=input_key, target_key=target_key)
@@ -245,6 +261,7 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
     from .inspection import inspect as run_inspection
     from .render import renderer_for
 
+    _require_output_folder(output_path)
     loaded = _load(model_spec, need_data=False, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                    num_classes=num_classes)
     report = run_inspection(loaded.model, missing_running_stats=loaded.missing_running_stats, notes=loaded.notes)
@@ -282,6 +299,7 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
         raise OutputExistsError("-o must differ from --checkpoint: the original checkpoint is never overwritten")
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
+    _require_output_folder(output_path)
     loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                    num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
                    layout=layout, input_key=input_key, target_key=target_key)

@@ -12,6 +12,7 @@ from typing import Callable
 from .report import AttributionSummary, Finding, Gap, Gate, LayerReport, MetricsSet, Severity
 
 DRIFT_HIGH = 0.5             # mean 2-Wasserstein drift (in true std units) that counts as wrong statistics
+DRIFT_NOTICEABLE = 0.25      # drift that explains a failed gate when the stats are at their 0/1 init
 INITIAL_WEIGHT_HIGH = 0.05   # EMA weight still on the 0/1 initial values
 KERAS_WEIGHT_AT_INIT_HIGH = 0.5  # Keras (no counter): moving stats covered under half the way from 0/1 to the data
 FEW_CUMULATIVE_UPDATES = 10  # momentum=None layers averaged over fewer batches than this
@@ -77,7 +78,9 @@ def never_updated(ev: Evidence) -> list[Finding]:
     candidates = [l for l in ev.layers if l.tracks_running_stats and (
         l.running_stats_at_init or l.num_batches_tracked == 0 or l.name in ev.missing_running_stats)]
     if ev.has_data:
-        candidates = [l for l in candidates if _drifted(l) or l.name in ev.missing_running_stats]
+        # Init-valued stats are harmless only on data that happens to be ~N(0, 1); a failed gate says it is not.
+        candidates = [l for l in candidates if _drifted(l) or l.name in ev.missing_running_stats
+                      or (ev.gap_failed and (l.drift or 0.0) > DRIFT_NOTICEABLE)]
     if not candidates:
         return []
     tracked = [l for l in ev.layers if l.tracks_running_stats]
@@ -203,11 +206,11 @@ def frozen_in_train_mode(ev: Evidence) -> list[Finding]:
     if ev.has_data:
         evidence.update(_worst(candidates))
     fix = ("Keras 3 runs trainable=False BatchNormalization in inference mode; call the frozen base as "
-           "base_model(x, training=False), then `bncheck recalibrate` if its statistics are stale."
+           "base_model(x, training=False), then `bncheck recalibrate --include-frozen` if its statistics are stale."
            if _keras(ev) else
            "Keep frozen norm layers in eval mode after every model.train(): "
            "for m in backbone.modules(): m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None; "
-           "or recompute their statistics on the new data with `bncheck recalibrate`.")
+           "or recompute their statistics on the new data with `bncheck recalibrate --include-frozen`.")
     return [Finding("frozen-bn-in-train-mode", Severity.ERROR if ev.has_data else Severity.WARNING,
                     _names(candidates), evidence,
                     f"{len(candidates)} norm layers have frozen affine parameters but run in train mode: "

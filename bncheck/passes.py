@@ -95,7 +95,7 @@ def run_passes(
         adapter.move_to(device)
         handles = [layer.add_input_hook(hook_for(layer.name)) for layer in layers]
         with adapter.no_grad():
-            for index, batch in enumerate(batches):
+            for index, batch in enumerate(_loaded(batches)):
                 inputs, targets = split_batch(batch, input_key=scoring.input_key, target_key=scoring.target_key)
                 size = batch_length(inputs)
                 if size < 2:
@@ -154,6 +154,27 @@ def run_passes(
         mean_majority_share=sum(shares) / len(shares) if shares else None,
         num_classes_seen=len(classes_seen) if shares else None,
     )
+
+
+def _loaded(batches: Iterable):
+    """Iterate the user's batches, turning a failure to load or collate one into a DataError."""
+    from .errors import BncheckError, DataError
+
+    iterator = iter(batches)
+    index = 0
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except BncheckError:
+            raise
+        except Exception as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"cannot load batch {index}: {first_line}; samples must share one shape "
+                            "(--image-size resizes image folders)") from error
+        yield batch
+        index += 1
 
 
 def _add(acc: list, pair: tuple[float, int]) -> None:
