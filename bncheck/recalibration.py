@@ -20,6 +20,7 @@ from typing import Any, Callable
 from .batches import plan_batches
 from .devices import resolve_device
 from .diagnosis import require_running_stats
+from .errors import InputError
 from .frameworks import ForwardMode, adapter_for
 from .passes import ScoringOptions, run_passes
 from .report import ModeMetrics
@@ -74,6 +75,9 @@ def recalibrate(
     layers = [layer for layer in adapter.norm_layers() if layer.tracks_running_stats]
     skipped = tuple(l.name for l in layers if l.params_frozen and not include_frozen)
     chosen = [l for l in layers if l.name not in skipped]
+    if not chosen:
+        raise InputError(f"all {len(layers)} norm layers with running statistics have frozen parameters and are "
+                         "kept as they are; pass --include-frozen (include_frozen=True) to recompute them")
     torch_device = resolve_device(device)
     scoring = ScoringOptions(loss_fn=loss_fn, input_key=input_key, target_key=target_key)
     plan = plan_batches(data, batch_size=batch_size, seed=seed, max_batches=max_batches, max_samples=num_samples)
