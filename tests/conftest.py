@@ -231,3 +231,16 @@ def healthy_mlp(_trained_mlp):
 def healthy_dropout_mlp(_trained_dropout_mlp):
     """A trained MLP with Dropout(0.3) before its second BatchNorm1d."""
     return copy.deepcopy(_trained_dropout_mlp)
+
+
+# --------------------------------------------------------------------------- golden files
+
+
+def pytest_addoption(parser):
+    parser.addoption("--overwrite-goldens", action="store_true", default=False,
+                     help="Rewrite tests/golden/* from the current renderers instead of comparing.")
+
+
+@pytest.fixture
+def overwrite_goldens(request) -> bool:
+    return request.config.getoption("--overwrite-goldens")

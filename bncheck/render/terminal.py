@@ -10,6 +10,11 @@ from rich.text import Text
 from . import RenderOptions
 from .format import bar, drift_style, gate_text, momentum_text, num, pct, shown_layers, signed_points
 
+def _tidy(text: str) -> str:
+    """rich pads some lines to the console width; trailing spaces only get in the way of diffs."""
+    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
@@ -58,7 +63,7 @@ class TerminalRenderer:
         self._findings(console, report.findings)
         for note in report.notes:
             console.print(f"note: {note}", style="dim")
-        return buffer.getvalue()
+        return _tidy(buffer.getvalue())
 
     def _layers(self, console, layers, *, attribution: bool = False) -> None:
         shown = shown_layers(layers, self.options)
@@ -101,10 +106,13 @@ class TerminalRenderer:
         verdict = Text("PASS", style="bold green") if report.passed else Text("FAIL", style="bold red")
         console.print(Text.assemble("bncheck inspect: ", verdict,
                                     f"  {len(report.layers)} norm layers, checked without data"))
-        table = Table(title="Norm layers", title_justify="left")
-        for column in ("layer", "type", "features", "momentum", "batches", "init weight", "frozen", "mode"):
+        shown = shown_layers(report.layers, self.options)
+        title = f"Norm layers ({len(shown)} of {len(report.layers)}" + \
+            ("" if len(shown) == len(report.layers) else "; --all-layers for all") + ")"
+        table = Table(title=title, title_justify="left")
+        for column in ("layer", "type", "features", "momentum", "updates", "init weight", "frozen", "mode"):
             table.add_column(column)
-        for l in shown_layers(report.layers, self.options):
+        for l in shown:
             table.add_row(l.name, l.type, str(l.num_features), momentum_text(l),
                           "n/a" if l.num_batches_tracked is None else str(l.num_batches_tracked),
                           num(l.initial_weight, 3), "yes" if l.params_frozen else "no",
@@ -113,7 +121,7 @@ class TerminalRenderer:
         self._findings(console, report.findings)
         for note in report.notes:
             console.print(f"note: {note}", style="dim")
-        return buffer.getvalue()
+        return _tidy(buffer.getvalue())
 
     def recalibration(self, result) -> str:
         console, buffer = self._console()
@@ -131,4 +139,4 @@ class TerminalRenderer:
                           "(--include-frozen recomputes them too)", style="dim")
         if result.output_path:
             console.print(f"wrote {result.output_path}", style="green")
-        return buffer.getvalue()
+        return _tidy(buffer.getvalue())
