@@ -95,8 +95,19 @@ def diagnose(
         data=DataSummary(result.num_samples, result.num_batches, plan.batch_size, plan.reshuffled, seed,
                          result.mean_majority_share, result.num_classes_seen),
         attribution=attribution,
-        notes=tuple(notes),
+        notes=tuple(notes) + _dropout_note(metrics),
     )
+
+
+def _dropout_note(metrics: MetricsSet) -> tuple[str, ...]:
+    """Say so when model.train() scores worse than train-mode BN alone: that part is dropout's."""
+    with_dropout, train = metrics.train_with_dropout, metrics.train
+    if with_dropout is None or with_dropout.loss is None or train.loss is None:
+        return ()
+    if with_dropout.loss <= train.loss * 1.05:
+        return ()
+    return (f"model.train() loss {with_dropout.loss:.4g} vs {train.loss:.4g} with dropout off: dropout accounts "
+            "for that difference, not BatchNorm",)
 
 
 def require_running_stats(adapter, layers) -> None:
