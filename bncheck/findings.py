@@ -14,7 +14,7 @@ from .report import AttributionSummary, Finding, Gap, Gate, LayerReport, Metrics
 DRIFT_HIGH = 0.5             # mean 2-Wasserstein drift (in true std units) that counts as wrong statistics
 DRIFT_NOTICEABLE = 0.25      # drift that explains a failed gate when the stats are at their 0/1 init
 INITIAL_WEIGHT_HIGH = 0.05   # EMA weight still on the 0/1 initial values
-KERAS_WEIGHT_AT_INIT_HIGH = 0.5  # Keras (no counter): moving stats covered under half the way from 0/1 to the data
+KERAS_WEIGHT_AT_INIT_HIGH = 0.75  # Keras (no counter): moving stats covered under 1/4 of the way from 0/1 to the data
 FEW_CUMULATIVE_UPDATES = 10  # momentum=None layers averaged over fewer batches than this
 MOMENTUM_PORTED = 0.5        # PyTorch momentum above this is almost always a Keras value
 MOMENTUM_HIGH = 0.2          # with noisy batch means, running stats follow the last batches
@@ -95,7 +95,7 @@ def never_updated(ev: Evidence) -> list[Finding]:
            if _keras(ev) else
            "Save and load buffers with the weights: torch.save(model.state_dict(), path) and "
            "model.load_state_dict(torch.load(path)) (not named_parameters()); or run "
-           "`bncheck recalibrate model.py -o fixed.pt` to recompute them from data.")
+           "`bncheck recalibrate MODEL -o fixed.pt` to recompute them from data.")
     severity = Severity.ERROR if ev.has_data or len(candidates) == len(tracked) else Severity.WARNING
     return [Finding("stats-never-updated", severity, _names(candidates), evidence,
                     f"{len(candidates)} of {len(tracked)} norm layers hold running statistics that were never "
@@ -159,7 +159,7 @@ def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
                     "for a new layer, the pretrained statistics when fine-tuning).")
     else:
         fix = ("Use the default momentum: nn.BatchNorm2d(C, momentum=0.1) (PyTorch 0.01 equals Keras 0.99), "
-               "train for more steps, or recompute exact statistics: `bncheck recalibrate model.py -o fixed.pt`.")
+               "train for more steps, or recompute exact statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
         weight_words = f"still {weight:.0%} on the initial 0/1 values" if weight is not None else "few updates"
         text = (f"The moving averages saw only {sample.num_batches_tracked} updates with momentum {sample.momentum}: "
                 f"{weight_words}, far from the data's statistics.")
@@ -190,7 +190,7 @@ def dominated_by_recent(ev: Evidence) -> list[Finding]:
                "then `bncheck recalibrate` to recompute the statistics over the whole data.")
     else:
         fix = ("PyTorch momentum is the weight on the new batch: use nn.BatchNorm2d(C, momentum=0.1) "
-               "(a Keras momentum of 0.9/0.99 is PyTorch 0.1/0.01), then `bncheck recalibrate model.py -o fixed.pt`.")
+               "(a Keras momentum of 0.9/0.99 is PyTorch 0.1/0.01), then `bncheck recalibrate MODEL -o fixed.pt`.")
     return [Finding("stats-dominated-by-recent-batches", severity, _names(candidates), evidence,
                     f"Each batch moves the running statistics by {weight:.0%}, so they reflect the last "
                     f"~{max(1, round(1 / weight))} batches of training rather than the data as a whole.", fix)]
@@ -233,7 +233,9 @@ def mismatch(ev: Evidence, exclude: set[str]) -> list[Finding]:
                     evidence,
                     f"{len(candidates)} norm layers hold running statistics of different data (another domain, "
                     "preprocessing, or stale statistics after fine-tuning or weight averaging).",
-                    "Recompute the statistics on data like this: `bncheck recalibrate ... -o fixed` "
+                    "Recompute the statistics on data like this: `bncheck recalibrate MODEL -o fixed.keras`."
+                    if _keras(ev) else
+                    "Recompute the statistics on data like this: `bncheck recalibrate MODEL -o fixed.pt` "
                     "(or torch.optim.swa_utils.update_bn after weight averaging).")]
 
 

@@ -7,10 +7,9 @@ model.py's data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError, InputError
+from ..errors import DataError
 
 RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
@@ -36,7 +35,9 @@ class LoadedInputs:
 
 
 def is_keras_file(spec: str) -> bool:
-    return spec.endswith((".keras", ".h5"))
+    """A Keras model file (``.keras``, legacy ``.h5``/``.hdf5``); a ``.weights.h5`` too, so that
+    loading it explains that weights need the model from model.py."""
+    return spec.lower().endswith((".keras", ".h5", ".hdf5"))
 
 
 def load_inputs(
@@ -60,19 +61,23 @@ def load_inputs(
     elif is_keras_file(model_spec):
         from .keras_files import load_keras_model
 
-        model = load_keras_model(model_spec)
+        model = load_keras_model(model_spec)  # imports Keras on the PyTorch backend
     else:
         from .user_module import load_user_module
 
         module = load_user_module(model_spec, need_data=need_data and data.path is None)
         model, user_data, loss_fn = module.model, module.data, module.loss_fn
     framework = "keras" if _is_keras(model) else "torch"
-    if checkpoint is not None and checkpoint.endswith(".keras") and framework == "keras":
-        raise InputError("load .keras files as the MODEL argument, not with --checkpoint")
+    if framework == "keras":
+        from ..frameworks.keras_adapter import import_keras
+
+        import_keras()  # BackendError if model.py imported Keras on another backend
     missing: tuple[str, ...] = ()
     if checkpoint is not None:
         if framework == "keras":
-            _load_keras_weights(model, checkpoint)
+            from .keras_files import load_keras_weights
+
+            load_keras_weights(model, checkpoint)
         else:
             model, missing, load_notes = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
             notes += load_notes
@@ -89,10 +94,9 @@ def load_inputs(
 
 
 def _is_keras(model: Any) -> bool:
-    import sys
+    from ..frameworks.keras_adapter import is_keras_model
 
-    keras = sys.modules.get("keras")
-    return keras is not None and isinstance(model, getattr(keras, "Model", ()))
+    return is_keras_model(model)
 
 
 def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
@@ -122,12 +126,3 @@ def _layer_of(key: str) -> str:
         if key.endswith(suffix):
             return key[: -len(suffix)]
     return key
-
-
-def _load_keras_weights(model, path: str) -> None:
-    if not Path(path).exists():
-        raise InputError(f"checkpoint not found: {path}")
-    try:
-        model.load_weights(path)
-    except Exception as error:
-        raise InputError(f"cannot load Keras weights from {path}: {error}") from error

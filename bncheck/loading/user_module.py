@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ def _call(path: Path, name: str, factory: Callable) -> Any:
 def load_user_module(spec: str, *, need_data: bool = True) -> UserModule:
     """Import ``model.py`` and build its model (and data, unless ``need_data`` is False)."""
     path, factory_name = split_spec(spec)
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # an `import keras` in model.py gets the backend bncheck drives
     module = _import_file(path)
     if factory_name is not None:
         if not hasattr(module, factory_name):
