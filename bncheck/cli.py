@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -138,17 +137,12 @@ def _require_output_folder(path: str | None) -> None:
 
 
 def write_atomically(path: Path, payload: bytes) -> None:
+    from .files import write_bytes_atomically
+
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputProblem(f"output folder does not exist: {directory}")
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, payload)
 
 
 class _Progress:

@@ -112,19 +112,7 @@ def _metrics(metrics) -> ModeMetrics:
 
 def save_recalibrated(model: Any, path: Path, result: RecalibrationResult) -> RecalibrationResult:
     """Write the recalibrated model atomically: a state_dict, or a .keras file for Keras models."""
-    import os
-    import tempfile
+    from .files import write_atomically
 
-    path = Path(path)
-    adapter = adapter_for(model)
-    directory = path.parent if str(path.parent) else Path(".")
-    suffix = "".join(path.suffixes) or ".pt"
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(handle)
-    try:
-        adapter.save(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomically(Path(path), adapter_for(model).save)
     return dataclasses.replace(result, output_path=str(path))
