@@ -318,11 +318,20 @@ def test_pickled_full_model_needs_unsafe_pickle(tmp_path, work):
     assert (tmp_path / "full.pt").read_bytes() == before
 
 
-def test_pickled_full_model_is_not_a_model_argument(tmp_path, work):
-    """A torch.save(model) file cannot stand in for model.py: it is only a --checkpoint."""
-    torch.save(mlp(), tmp_path / "full.pt")
-    assert_input_error(run("diagnose", tmp_path / "full.pt", "--unsafe-pickle", "--data", work["data"]),
-                       "full.pt", ".py")
+def test_pickled_full_model_as_the_model_argument(tmp_path, work):
+    """A torch.save(model) file stands in for model.py, but only with --unsafe-pickle."""
+    model = mlp()
+    model.load_state_dict(torch.load(work["trained"], weights_only=True))
+    torch.save(model, tmp_path / "full.pt")
+    before = (tmp_path / "full.pt").read_bytes()
+    assert_input_error(run("diagnose", tmp_path / "full.pt", "--data", work["data"]), "--unsafe-pickle")
+    code, report = diagnose_json(tmp_path / "full.pt", "--unsafe-pickle", "--data", work["data"])
+    assert code == EXIT_PASS
+    assert report["metrics"]["eval"]["accuracy"] > 0.9
+    assert (tmp_path / "full.pt").read_bytes() == before
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    assert_input_error(run("diagnose", tmp_path / "weights.pt", "--unsafe-pickle", "--data", work["data"]),
+                       "weights only")
 
 
 def test_checkpoint_that_is_not_a_state_dict(tmp_path, work):

@@ -7,9 +7,10 @@ model.py's data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError
+from ..errors import DataError, InputError
 
 RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
@@ -62,6 +63,8 @@ def load_inputs(
         from .keras_files import load_keras_model
 
         model = load_keras_model(model_spec)  # imports Keras on the PyTorch backend
+    elif is_pickled_model_file(model_spec):
+        model = _read_pickled_model(model_spec, unsafe_pickle)
     else:
         from .user_module import load_user_module
 
@@ -91,6 +94,32 @@ def load_inputs(
     if need_data and loaded_data is None:
         raise DataError(f"no data for {model_spec}: pass --data PATH")
     return LoadedInputs(model, loaded_data, loss_fn, framework, missing, tuple(notes))
+
+
+PICKLED_MODEL_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".bin")
+
+
+def is_pickled_model_file(spec: str) -> bool:
+    return spec.lower().endswith(PICKLED_MODEL_SUFFIXES)
+
+
+def _read_pickled_model(path: str, unsafe_pickle: bool):
+    """A whole model saved with ``torch.save(model)``: only with --unsafe-pickle, since unpickling runs code."""
+    import sys
+
+    if not Path(path).exists():
+        raise InputError(f"model file not found: {path}")
+    if not unsafe_pickle:
+        raise InputError(f"MODEL {path} is a checkpoint: pass a model.py (or torchvision:NAME) with --checkpoint "
+                         f"{path}, or --unsafe-pickle if it holds a whole pickled model you trust")
+    from .checkpoints import read_full_model
+
+    # The pickle names the classes' modules; the user's code is usually importable from here.
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        return read_full_model(path)
+    finally:
+        sys.path.remove(str(Path.cwd()))
 
 
 def _is_keras(model: Any) -> bool:
