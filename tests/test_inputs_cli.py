@@ -349,3 +349,14 @@ def test_checkpoint_from_another_architecture(tmp_path, work):
 def test_corrupt_checkpoint(tmp_path, work):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint at all")
     assert_input_error(run("inspect", work["mlp"], "--checkpoint", tmp_path / "broken.pt"), "cannot be read")
+
+
+def test_model_file_dataset_as_a_list_of_samples(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(MLP_MODEL + """
+
+dataset = [(torch.randn(4) * 2 + 1, index % 3) for index in range(40)]
+""")
+    code, report = diagnose_json(path)
+    assert code in (EXIT_PASS, 1)
+    assert report["data"]["num_samples"] == 40 and report["data"]["num_batches"] == 2

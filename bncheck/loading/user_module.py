@@ -87,6 +87,8 @@ def load_user_module(spec: str, *, need_data: bool = True) -> UserModule:
             raise DataError(f"{path} must define get_dataloader() (or `dataloader`/`dataset`), or pass --data")
         value = getattr(module, data_name)
         data = _call(path, data_name, value) if data_name == "get_dataloader" else value
+        if data_name == "dataset" and isinstance(data, list):
+            data = SampleList(data)  # a list named `dataset` holds samples, not batches
         if data is None:
             raise DataError(f"{data_name} in {path} is None; return a DataLoader or Dataset")
     loss_fn = getattr(module, "loss_fn", None)
@@ -102,3 +104,16 @@ def _is_model(value: Any) -> bool:
         return True
     keras = sys.modules.get("keras")
     return keras is not None and isinstance(value, getattr(keras, "Model", ()))
+
+
+class SampleList:
+    """A plain list of samples used as a map-style dataset (a bare list would read as a list of batches)."""
+
+    def __init__(self, samples: list):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[index]
