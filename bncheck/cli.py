@@ -222,10 +222,12 @@ def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, imag
 
     Example: bncheck diagnose examples/resnet_three_images/model.py
     """
+    from .devices import resolve_device
     from .diagnosis import diagnose as run_diagnosis
     from .render import renderer_for
 
     _require_output_folder(output_path)
+    resolve_device(device)  # fail before the model is built and trained
     loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                    num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
                    layout=layout, input_key=input_key, target_key=target_key)
@@ -283,6 +285,7 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
 
     Example: bncheck recalibrate model.py -o fixed.pt
     """
+    from .devices import resolve_device
     from .errors import OutputExistsError
     from .recalibration import recalibrate as run_recalibration, save_recalibrated
     from .render import renderer_for
@@ -294,6 +297,7 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
     _require_output_folder(output_path)
+    resolve_device(device)  # fail before the model is built and trained
     loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                    num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
                    layout=layout, input_key=input_key, target_key=target_key)
