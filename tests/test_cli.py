@@ -757,3 +757,42 @@ def test_recalibrate_terminal_summary(models, tmp_path):
     assert result.exit_code == EXIT_PASS, result.stderr
     assert "1 norm layers recomputed" in result.stdout
     assert f"wrote {tmp_path / 'fixed.pt'}" in result.stdout.replace("\n", "")
+
+
+def test_recalibrate_reports_before_and_after_on_val_data(models, tmp_path):
+    module = import_file(models["shift"])
+    x, y = module._data()
+    x, y = x[::2] + 0.1 * torch.randn(48, 4, generator=torch.Generator().manual_seed(1)), y[::2]
+    torch.save((x, y), tmp_path / "val.pt")  # nearby samples of the same clusters
+    result = run("recalibrate", models["shift"], "-o", tmp_path / "fixed.pt", "--val-data", tmp_path / "val.pt",
+                 "--format", "json")
+    assert result.exit_code == EXIT_PASS, result.stderr
+    rows = {row["data"]: row for row in json.loads(result.stdout)["evaluations"]}
+    assert set(rows) == {"data", "val-data"}
+    val = rows["val-data"]
+    assert val["after"]["accuracy"] > val["before"]["accuracy"]
+    model = module.build_model()
+    model.load_state_dict(torch.load(tmp_path / "fixed.pt", weights_only=True))
+    model.eval()
+    with torch.no_grad():
+        expected = float((model(x).argmax(1) == y).float().mean())
+    assert val["after"]["accuracy"] == pytest.approx(expected)
+
+
+def test_recalibrate_failing_midway_leaves_no_file(tmp_path):
+    path = write_model(tmp_path, extra='''
+
+class NaNLater(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        x, y = _data(64)
+        return (x[index] * float("nan") if index == 63 else x[index]), y[index]
+
+
+dataset = NaNLater()
+''', data=None)
+    result = run("recalibrate", path, "-o", tmp_path / "fixed.pt")
+    assert result.exit_code == 2 and "NaN" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.py"]
