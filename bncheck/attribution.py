@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
+from .errors import DataError
 from .frameworks import ForwardMode, ModelAdapter
 from .passes import PassResult, ScoringOptions, run_passes
 from .report import Attribution, AttributionSummary, LayerReport, ModeMetrics
@@ -18,6 +19,8 @@ from .report import Attribution, AttributionSummary, LayerReport, ModeMetrics
 def attribute_gap(adapter: ModelAdapter, plan, result: PassResult, layer_reports: list[LayerReport], *,
                   device, scoring: ScoringOptions, top: int, num_batches: int):
     batches = list(itertools.islice(iter(plan.batches), num_batches))
+    if not batches:
+        raise DataError("--attribute iterates the data again: pass a DataLoader or Dataset, not a one-shot generator")
     reference = run_passes(adapter, batches, device=device, modes=(ForwardMode.EVAL, ForwardMode.NORM_TRAIN),
                            collect_stats=False, scoring=scoring)
     baseline = _metrics(reference.metrics[ForwardMode.EVAL])

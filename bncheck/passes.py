@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .batches import batch_length, iter_tensors, split_batch
-from .errors import ForwardError, NonFiniteError, ShapeMismatchError
+from .errors import BncheckError, DataError, ForwardError, NonFiniteError, ShapeMismatchError
 from .frameworks import ForwardMode, ModelAdapter
 from .stats import InputStatsAccumulator, LayerInputStats
 from .tasks import (
@@ -137,8 +137,6 @@ def run_passes(
         adapter.restore(snapshot)
 
     if task is None:
-        from .errors import DataError
-
         raise DataError("the data yielded no batch with 2 or more samples")
     stats = {m: {name: acc.result() for name, acc in accs.items() if acc.result() is not None}
              for m, accs in accumulators.items()}
@@ -158,8 +156,6 @@ def run_passes(
 
 def _loaded(batches: Iterable):
     """Iterate the user's batches, turning a failure to load or collate one into a DataError."""
-    from .errors import BncheckError, DataError
-
     iterator = iter(batches)
     index = 0
     while True:
