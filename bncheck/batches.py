@@ -80,7 +80,7 @@ def plan_batches(
     data = as_dataset(data)
     loader = data if isinstance(data, DataLoader) else None
     dataset = loader.dataset if loader is not None else data
-    if _is_map_style(dataset) and (loader is None or loader.batch_size is not None):
+    if _is_map_style(dataset) and (loader is None or (loader.batch_size is not None and _default_sampler(loader))):
         return _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples)
     if not hasattr(data, "__iter__"):
         raise DataError(f"data of type {type(data).__name__} is not iterable; return a DataLoader or a Dataset")
@@ -89,6 +89,13 @@ def plan_batches(
     if batch_size is not None:
         raise DataError("--batch-size needs a map-style dataset; this data yields ready-made batches")
     return BatchPlan(_GivenBatches(data, max_batches), None, False, None, None, seed)
+
+
+def _default_sampler(loader: DataLoader) -> bool:
+    """A custom sampler picks which samples count (a split, weights): keep the loader's batches then."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    return type(loader.sampler) in (RandomSampler, SequentialSampler)
 
 
 def _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples) -> BatchPlan:

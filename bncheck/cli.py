@@ -6,6 +6,7 @@ imports (torch) happen inside the commands so that ``--help`` stays instant.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -130,6 +131,19 @@ def _emit(text: str, path: str | None) -> None:
     write_atomically(Path(path), text.encode())
 
 
+def _user_code_prints_to_stderr():
+    """model.py may print while it trains: keep stdout for the report alone."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def _check_checkpoint_suffix(target: Path, framework: str) -> None:
+    name = target.name.lower()
+    if framework == "keras" and not name.endswith((".keras", ".weights.h5")):
+        raise InputProblem(f"-o {target}: a Keras model is written as a .keras file (or .weights.h5)")
+    if framework == "torch" and name.endswith((".keras", ".h5", ".hdf5")):
+        raise InputProblem(f"-o {target}: a PyTorch model is written as a state_dict (.pt or .safetensors)")
+
+
 def _require_output_folder(path: str | None) -> None:
     """Fail before the work, not after it, when -o points into a missing folder."""
     if path is not None and not Path(path).parent.is_dir():
@@ -228,10 +242,10 @@ def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, imag
 
     _require_output_folder(output_path)
     resolve_device(device)  # fail before the model is built and trained
-    loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
-                   num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
-                   layout=layout, input_key=input_key, target_key=target_key)
-    with _Progress(quiet, "diagnosing") as progress:
+    with _user_code_prints_to_stderr(), _Progress(quiet, "diagnosing") as progress:
+        loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                       num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
+                       layout=layout, input_key=input_key, target_key=target_key)
         report = run_diagnosis(
             loaded.model, loaded.data, device=device, batch_size=batch_size, seed=seed, max_batches=max_batches,
             max_samples=max_samples, max_gap=max_gap, loss_fn=loaded.loss_fn, output_index=output_index,
@@ -258,9 +272,11 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
     from .render import renderer_for
 
     _require_output_folder(output_path)
-    loaded = _load(model_spec, need_data=False, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
-                   num_classes=num_classes)
-    report = run_inspection(loaded.model, missing_running_stats=loaded.missing_running_stats, notes=loaded.notes)
+    with _user_code_prints_to_stderr():
+        loaded = _load(model_spec, need_data=False, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                       num_classes=num_classes)
+        report = run_inspection(loaded.model, missing_running_stats=loaded.missing_running_stats,
+                                notes=loaded.notes)
     renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, False, output_path is not None))
     _emit(renderer.inspection(report), output_path)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
@@ -298,23 +314,24 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
         raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
     _require_output_folder(output_path)
     resolve_device(device)  # fail before the model is built and trained
-    loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
-                   num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
-                   layout=layout, input_key=input_key, target_key=target_key)
-    validation = None
-    if val_data is not None:
-        from .loading.data_sources import load_data_path
+    with _user_code_prints_to_stderr(), _Progress(quiet, "recalibrating") as progress:
+        loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                       num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
+                       layout=layout, input_key=input_key, target_key=target_key)
+        _check_checkpoint_suffix(target, loaded.framework)
+        validation = None
+        if val_data is not None:
+            from .loading.data_sources import load_data_path
 
-        validation = load_data_path(val_data, image_size=image_size, normalize=normalize, layout=layout,
-                                    input_key=input_key, target_key=target_key,
-                                    channels_last=loaded.framework == "keras")
-    with _Progress(quiet, "recalibrating") as progress:
+            validation = load_data_path(val_data, image_size=image_size, normalize=normalize, layout=layout,
+                                        input_key=input_key, target_key=target_key,
+                                        channels_last=loaded.framework == "keras")
         result, fixed_model = run_recalibration(
             loaded.model, loaded.data, inplace=True, device=device, batch_size=batch_size, seed=seed,
             max_batches=max_batches, num_samples=num_samples, include_frozen=include_frozen,
             val_data=validation, loss_fn=loaded.loss_fn, input_key=input_key, target_key=target_key,
             progress=progress, return_model=True)
-    saved = save_recalibrated(fixed_model, target, result)
+        saved = save_recalibrated(fixed_model, target, result)
     renderer = renderer_for(OutputFormat(fmt))(RenderOptions(color=sys.stdout.isatty()))
     _emit(renderer.recalibration(saved), None)
 

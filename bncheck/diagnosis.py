@@ -47,6 +47,10 @@ def diagnose(
     """
     if max_gap is not None and max_gap < 0:
         raise InputError("max_gap must be >= 0")
+    for name, value in (("max_batches", max_batches), ("attribute_batches", attribute_batches),
+                        ("attribute_top", attribute_top)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
     adapter = adapter_for(model)
     layers = adapter.norm_layers()
     require_running_stats(adapter, layers)
@@ -97,8 +101,15 @@ def diagnose(
                          plan.reshuffled, seed,
                          result.mean_majority_share, result.num_classes_seen),
         attribution=attribution,
-        notes=tuple(notes) + _dropout_note(metrics),
+        notes=tuple(notes) + _dropout_note(metrics) + _nonfinite_note(result),
     )
+
+
+def _nonfinite_note(result: PassResult) -> tuple[str, ...]:
+    if not result.nonfinite_eval_batches:
+        return ()
+    return (f"eval-mode outputs held NaN or inf in {result.nonfinite_eval_batches} of {result.num_batches} "
+            "batches (train-mode outputs were finite)",)
 
 
 def _dropout_note(metrics: MetricsSet) -> tuple[str, ...]:

@@ -13,20 +13,34 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
 
     The temporary name keeps ``path``'s suffixes, for writers that pick a format by suffix.
     """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    from .errors import InputError
+
+    path = Path(os.path.realpath(path))  # write through a symlink, never replace it
+    if path.exists() and not path.is_file():
+        # /dev/stdout, a FIFO, a device: write in place, there is nothing to swap in atomically.
+        _or_input_error(lambda: write(str(path)), path, InputError)
+        return
+    directory = path.parent
     suffix = "".join(path.suffixes)
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    handle, temp = _or_input_error(
+        lambda: tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=f".tmp{suffix}"), path, InputError)
     os.close(handle)
     try:
         write(temp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode open() would
-        os.replace(temp, path)
+        _or_input_error(lambda: os.replace(temp, path), path, InputError)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _or_input_error(action, path: Path, error_type):
+    try:
+        return action()
+    except OSError as error:
+        raise error_type(f"cannot write {path}: {error.strerror or error}; choose a writable file") from error
 
 
 def write_bytes_atomically(path: Path, payload: bytes) -> None:

@@ -74,6 +74,18 @@ def _momentum_text(layer: LayerReport) -> str:
     return f"momentum={layer.momentum}" if layer.momentum is not None else "momentum=None"
 
 
+def corrupt(ev: Evidence) -> list[Finding]:
+    layers = [l for l in ev.layers if l.running_stats_corrupt]
+    if not layers:
+        return []
+    return [Finding("stats-corrupt", Severity.ERROR, _names(layers), {"layers": len(layers)},
+                    f"{len(layers)} norm layers hold NaN or inf running statistics or a negative variance "
+                    "(an overflow in training, often in float16, or a damaged checkpoint): eval mode cannot "
+                    "normalise with them.",
+                    "Recompute the statistics from data: `bncheck recalibrate MODEL -o fixed.pt`; if training "
+                    "produced them, look for overflow (loss scaling, learning rate).")]
+
+
 def never_updated(ev: Evidence) -> list[Finding]:
     candidates = [l for l in ev.layers if l.tracks_running_stats and (
         l.running_stats_at_init or l.num_batches_tracked == 0 or l.name in ev.missing_running_stats)]
@@ -319,8 +331,10 @@ def reused(ev: Evidence) -> list[Finding]:
 
 
 def find_causes(ev: Evidence) -> tuple[Finding, ...]:
-    findings = never_updated(ev)
+    findings = corrupt(ev)
     explained = {name for f in findings for name in f.layers}
+    findings += [f for f in never_updated(ev) if not explained.issuperset(f.layers)]
+    explained |= {name for f in findings for name in f.layers}
     unconverged = not_converged(ev, explained)
     findings += unconverged
     frozen = frozen_in_train_mode(ev)

@@ -14,6 +14,12 @@ def _stats_at_init(mean: torch.Tensor | None, var: torch.Tensor | None) -> bool:
     return mean is not None and var is not None and bool((mean == 0).all() and (var == 1).all())
 
 
+def _stats_corrupt(mean: torch.Tensor | None, var: torch.Tensor | None) -> bool:
+    if mean is None or var is None:
+        return False
+    return not bool(torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all())
+
+
 def measure_layer(
     layer: NormLayer,
     stats: LayerInputStats | None,
@@ -73,6 +79,7 @@ def measure_layer(
         drift=_mean(drift),
         drift_max=_max(drift),
         running_stats_at_init=_stats_at_init(running_mean, running_var),
+        running_stats_corrupt=_stats_corrupt(running_mean, running_var),
         batch_mean_spread=spread,
         dropout_var_ratio=dropout_ratio,
         channels=channels,

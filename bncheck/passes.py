@@ -51,6 +51,7 @@ class PassResult:
     dropout_layer_stats: dict[str, LayerInputStats] = field(default_factory=dict)
     num_batches: int = 0
     num_samples: int = 0
+    nonfinite_eval_batches: int = 0   # batches whose eval-mode outputs held NaN or inf
     mean_majority_share: float | None = None
     num_classes_seen: int | None = None
 
@@ -87,7 +88,7 @@ def run_passes(
     shares: list[float] = []
     classes_seen: set[int] = set()
     task: Task | None = None
-    num_batches = num_samples = 0
+    num_batches = num_samples = nonfinite_eval = 0
 
     snapshot = adapter.snapshot()
     handles = []
@@ -103,6 +104,7 @@ def run_passes(
                     continue
                 _check_finite(inputs, f"inputs of batch {index}")
                 inputs = adapter.prepare_inputs(inputs, device)
+                targets = _as_tensor(targets, index)
                 if isinstance(targets, torch.Tensor):
                     targets = targets.to(device)
                 outputs = {}
@@ -112,12 +114,16 @@ def run_passes(
                     raw = _forward(adapter, inputs, index)
                     out = select_output(adapter.output_to_tensor(raw), output_index=scoring.output_index,
                                         output_key=scoring.output_key)
-                    _check_finite(out, f"{mode.value}-mode outputs of batch {index}")
+                    if mode is ForwardMode.EVAL:
+                        # Corrupt running stats (NaN, negative variance) break eval mode alone: measure it.
+                        nonfinite_eval += int(not bool(torch.isfinite(out.float()).all()))
+                    else:
+                        _check_finite(out, f"{mode.value}-mode outputs of batch {index}")
                     outputs[mode] = out
                 state["mode"] = None
                 if task is None:
-                    first = next(iter(outputs.values()))
-                    task = infer_task(first, targets, has_loss_fn=scoring.loss_fn is not None)
+                    first = outputs.get(ForwardMode.NORM_TRAIN, next(iter(outputs.values())))
+                    task = _infer_task(first, targets, scoring)
                 for mode, out in outputs.items():
                     scores[mode].add(_score(task, out, targets, scoring.loss_fn, index), size)
                 if ForwardMode.EVAL in outputs and ForwardMode.NORM_TRAIN in outputs:
@@ -149,6 +155,7 @@ def run_passes(
         dropout_layer_stats=stats.get(ForwardMode.FULL_TRAIN, {}),
         num_batches=num_batches,
         num_samples=num_samples,
+        nonfinite_eval_batches=nonfinite_eval,
         mean_majority_share=sum(shares) / len(shares) if shares else None,
         num_classes_seen=len(classes_seen) if shares else None,
     )
@@ -196,12 +203,35 @@ def _forward(adapter: ModelAdapter, inputs: Any, index: int) -> Any:
         raise cls(f"the model's forward failed on batch {index} with inputs {shape_text}: {first_line}") from error
 
 
+def _infer_task(outputs: torch.Tensor, targets: Any, scoring: ScoringOptions) -> Task:
+    try:
+        return infer_task(outputs, targets, has_loss_fn=scoring.loss_fn is not None)
+    except BncheckError:
+        raise
+    except Exception as error:
+        raise DataError(f"cannot score outputs {tuple(outputs.shape)} against targets of type "
+                        f"{type(targets).__name__}: {error}; yield targets as a tensor") from error
+
+
+def _as_tensor(targets: Any, index: int) -> Any:
+    """Targets given as a list of numbers become a tensor."""
+    if targets is None or isinstance(targets, (torch.Tensor, dict)):
+        return targets
+    try:
+        return torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise DataError(f"targets of batch {index} are a {type(targets).__name__} that is not a tensor of "
+                        "numbers; yield (inputs, targets) with targets a tensor") from error
+
+
 def _score(task, outputs, targets, loss_fn, index):
     try:
         return score_batch(task, outputs, targets, loss_fn)
     except ShapeMismatchError:
         raise
-    except (RuntimeError, ValueError, TypeError) as error:
+    except Exception as error:
+        if loss_fn is not None:
+            raise ForwardError(f"loss_fn raised on batch {index}: {type(error).__name__}: {error}") from error
         raise ShapeMismatchError(
             f"cannot score batch {index}: outputs {tuple(outputs.shape)}, targets "
             f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}: "

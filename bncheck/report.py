@@ -98,6 +98,7 @@ class LayerReport:
     drift: float | None              # mean over channels of the 2-Wasserstein drift, in true std units
     drift_max: float | None
     running_stats_at_init: bool      # running_mean all 0 and running_var all 1
+    running_stats_corrupt: bool      # NaN/inf in the running statistics, or a negative variance
     batch_mean_spread: float | None  # std of batch means / true std, mean over channels
     dropout_var_ratio: float | None  # input variance with dropout on / off, mean over channels
     channels: ChannelStats | None = None

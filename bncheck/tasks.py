@@ -88,7 +88,10 @@ def infer_task(outputs: torch.Tensor, targets: torch.Tensor | None, *, has_loss_
         return Task.REGRESSION
     if outputs.dim() == 2 and out_shape[1] == 1 and tgt_shape == out_shape[:1]:
         return Task.REGRESSION
-    raise ShapeMismatchError(f"model output {out_shape} does not fit float targets {tgt_shape}")
+    if outputs.dim() == 2 and tgt_shape == out_shape[:1] and bool((targets == targets.round()).all()):
+        return Task.CLASSIFICATION  # class indices stored as floats (e.g. read from a CSV)
+    raise ShapeMismatchError(f"model output {out_shape} does not fit float targets {tgt_shape}: give class "
+                             f"indices {out_shape[:1]} as integers, or targets shaped like the output")
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ def score_batch(
             correct = float((out.argmax(dim=1) == targets).sum())
         return BatchScore(value * n, n, correct, n)
     if task is Task.CLASSIFICATION:
-        labels = targets.argmax(dim=1) if targets.is_floating_point() else targets.long()
+        one_hot = targets.is_floating_point() and targets.dim() == 2
+        labels = targets.argmax(dim=1) if one_hot else targets.long()
         _check_class_range(labels, out.shape[1])
         loss = F.cross_entropy(out, labels, reduction="sum")
         return BatchScore(float(loss), n, float((out.argmax(dim=1) == labels).sum()), n)

@@ -21,7 +21,7 @@ from conftest import as_batches, inject_drift, make_mlp, norm_modules, train_bri
 ALL_CODES = {
     "stats-never-updated", "stats-not-converged", "stats-mismatch", "frozen-bn-in-train-mode",
     "stats-dominated-by-recent-batches", "small-normalization-batch", "label-sorted-batches",
-    "dropout-variance-shift", "batch-dependent-eval", "norm-layer-reused",
+    "dropout-variance-shift", "batch-dependent-eval", "norm-layer-reused", "stats-corrupt",
 }
 
 
@@ -32,7 +32,8 @@ def layer(name: str = "bn", **changes) -> LayerReport:
         eps=1e-5, tracks_running_stats=True, num_batches_tracked=1000, initial_weight=0.9**1000,
         params_frozen=False, training=False, calls_per_forward=1.0, batch_samples=512.0,
         mean_shift_max=0.02, mean_shift_mean=0.01, var_ratio_max=1.02, var_ratio_min=0.98, drift=0.02,
-        drift_max=0.03, running_stats_at_init=False, batch_mean_spread=0.05, dropout_var_ratio=None)
+        drift_max=0.03, running_stats_at_init=False, running_stats_corrupt=False, batch_mean_spread=0.05,
+        dropout_var_ratio=None)
     return dataclasses.replace(base, **changes)
 
 
@@ -388,3 +389,24 @@ def test_every_code_is_covered_here():
 
     source = inspect.getsource(rules)
     assert set(re.findall(r'Finding\("([a-z-]+)"', source)) == ALL_CODES
+
+
+@pytest.mark.parametrize("damage", ["nan_mean", "negative_var"])
+def test_e2e_corrupt_stats_are_diagnosed_and_recalibrated(healthy_convnet, images, damage):
+    bn = dict(norm_modules(healthy_convnet))["bn2"]
+    with torch.no_grad():
+        if damage == "nan_mean":
+            bn.running_mean[0] = float("nan")
+        else:
+            bn.running_var[:2] = -1.0
+    report = diagnose(healthy_convnet, images)
+    f = found(report)["stats-corrupt"]
+    assert f.severity is Severity.ERROR and f.layers == ("bn2",)
+    assert report.layers[0].name == "bn2" and report.layers[0].running_stats_corrupt
+    assert "stats-corrupt" in {x.code for x in bncheck.inspect(healthy_convnet).findings}
+    result, fixed = bncheck.recalibrate(healthy_convnet, images, device="cpu", return_model=True)
+    assert "bn2" in result.updated_layers
+    after = diagnose(fixed, images)
+    assert "stats-corrupt" not in found(after) and after.verdict is bncheck.Verdict.PASS
+    # near miss: a healthy model has none
+    assert "stats-corrupt" not in found(diagnose(fixed, images))

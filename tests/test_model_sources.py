@@ -18,7 +18,7 @@ from bncheck.loading.model_sources import build_named_model, is_named_model_spec
     [
         ("torchvision:resnet18", True),
         ("timm:resnet50.a1_in1k", True),
-        ("torchvision:", False),
+        ("torchvision:", True),  # a known source: building it says the name is missing
         ("keras:resnet", False),
         ("model.py", False),
         ("checkpoints/run:1.pt", False),
@@ -95,3 +95,8 @@ def test_missing_torchvision_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.models", None)
     with pytest.raises(BackendError, match="pip install torchvision"):
         build_named_model("torchvision:resnet18")
+
+
+def test_named_model_without_a_name():
+    with pytest.raises(InputError, match="names no model; use e.g. torchvision:resnet18"):
+        build_named_model("torchvision:")

@@ -26,7 +26,7 @@ def layer(name: str, drift: float, shift: float, ratio: float, **changes) -> Lay
         update_weight=0.01, eps=1e-5, tracks_running_stats=True, num_batches_tracked=10,
         initial_weight=0.99 ** 10, params_frozen=False, training=True, calls_per_forward=1.0,
         batch_samples=768.0, mean_shift_max=shift, mean_shift_mean=shift / 2, var_ratio_max=ratio,
-        var_ratio_min=0.5, drift=drift, drift_max=drift * 2, running_stats_at_init=False,
+        var_ratio_min=0.5, drift=drift, drift_max=drift * 2, running_stats_at_init=False, running_stats_corrupt=False,
         batch_mean_spread=0.1, dropout_var_ratio=None)
     values.update(changes)
     return LayerReport(**values)

@@ -88,11 +88,12 @@ class TorchNormLayer(NormLayer):
         return int(value.item())
 
     def add_input_hook(self, fn: Callable[[torch.Tensor], None]):
-        def pre_hook(_module, args, kwargs=None):
-            if args:
-                fn(args[0])
+        def pre_hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if x is not None:
+                fn(x)
 
-        return self.module.register_forward_pre_hook(pre_hook)
+        return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def write_running_stats(self, mean, biased_var, unbiased_var) -> None:
         # PyTorch stores the unbiased variance; InstanceNorm stores the mean of
@@ -118,6 +119,11 @@ class TorchModelAdapter(ModelAdapter):
             from ..errors import InputError
 
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        # A torch.compile'd module runs a captured graph that skips Python hooks on its
+        # submodules; measure the eager original, which shares its parameters and buffers.
+        original = getattr(model, "_orig_mod", None)
+        if isinstance(original, nn.Module):
+            model = original
         self.model = model
         self._modules = list(model.modules())
         self._norm = [TorchNormLayer(name or "<root>", m) for name, m in model.named_modules() if is_norm_module(m)]
@@ -171,6 +177,20 @@ class TorchModelAdapter(ModelAdapter):
             if freeze_running_stats and mode is not ForwardMode.EVAL:
                 # momentum 0 makes the EMA update a no-op: running = 1*running + 0*batch.
                 layer.module.momentum = 0.0
+
+    def save(self, path) -> None:
+        """A state_dict: safetensors for ``.safetensors`` paths, else ``torch.save``."""
+        if str(path).endswith(".safetensors"):
+            try:
+                from safetensors.torch import save_file
+            except ImportError as error:
+                from ..errors import BackendError
+
+                raise BackendError("writing .safetensors needs the safetensors package: pip install safetensors") \
+                    from error
+            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(path))
+        else:
+            torch.save(self.model.state_dict(), path)
 
     def forward(self, inputs: Any) -> Any:
         if isinstance(inputs, dict):

@@ -233,7 +233,7 @@ def _torch_load(path: Path, unsafe_pickle: bool) -> object:
             f"checkpoint {path} refers to code that cannot be imported here ({exc}); "
             "run bncheck where the code that saved the model is importable"
         ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except Exception as exc:  # a text file or garbage bytes can fail anywhere in the unpickler
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({_short(exc)}); pass a file written by torch.save or safetensors"
         ) from exc

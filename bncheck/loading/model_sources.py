@@ -17,9 +17,9 @@ SOURCES = ("torchvision", "timm")
 
 
 def is_named_model_spec(text: str) -> bool:
-    """True for ``SOURCE:NAME`` with a known source and a non-empty name."""
-    source, sep, name = text.partition(":")
-    return bool(sep) and source in SOURCES and bool(name.strip())
+    """True for ``SOURCE:NAME`` with a known source (an empty NAME is reported when building)."""
+    source, sep, _name = text.partition(":")
+    return bool(sep) and source in SOURCES
 
 
 def build_named_model(spec: str, *, num_classes: int | None = None) -> nn.Module:
@@ -33,6 +33,8 @@ def build_named_model(spec: str, *, num_classes: int | None = None) -> nn.Module
         raise InputError(f"num_classes must be at least 1, got {num_classes}")
     source, _, name = spec.partition(":")
     name = name.strip()
+    if not name:
+        raise InputError(f"{spec!r} names no model; use e.g. {source}:resnet18")
     if source == "torchvision":
         return _build_torchvision(name, num_classes)
     return _build_timm(name, num_classes)

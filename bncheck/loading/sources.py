@@ -145,7 +145,8 @@ def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
                      f"(first: {result.unexpected[0]})")
     if running:
         notes.append(f"checkpoint lacks {len(running)} running-statistics buffers (first: {sorted(running)[0]})")
-    layers = tuple(sorted({_layer_of(k) for k in running}))
+    # Old checkpoints lack num_batches_tracked alone; that loses no statistics.
+    layers = tuple(sorted({_layer_of(k) for k in running if not k.endswith(".num_batches_tracked")}))
     model = getattr(result, "model", None) or model
     return model, layers, notes
 

@@ -25,6 +25,8 @@ class UserModule:
 
 def split_spec(spec: str) -> tuple[Path, str | None]:
     """``path/to/model.py:factory`` -> (path, factory); a Windows drive colon is not a separator."""
+    if spec.endswith(":"):
+        raise ModelFileError(f"{spec!r} names no factory after the colon; use path.py:build_model or drop the colon")
     head, sep, tail = spec.rpartition(":")
     if sep and head and tail.isidentifier():
         return Path(head), tail
@@ -47,7 +49,7 @@ def _import_file(path: Path):
         spec.loader.exec_module(module)
     except SyntaxError as error:
         raise ModelFileError(f"syntax error in {path} line {error.lineno}: {error.msg}") from error
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # sys.exit() in model.py must not become bncheck's exit code
         raise ModelFileError(f"error while importing {path}: {type(error).__name__}: {error}") from error
     finally:
         if folder in sys.path:
@@ -58,7 +60,7 @@ def _import_file(path: Path):
 def _call(path: Path, name: str, factory: Callable) -> Any:
     try:
         return factory()
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         raise ModelFileError(f"{name}() in {path} raised {type(error).__name__}: {error}") from error
 
 
