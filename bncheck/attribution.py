@@ -2,15 +2,15 @@
 
 For the most drifted layers, eval mode is re-run on a few cached batches with only
 that layer's running statistics replaced by the true ones, then with those layers
-together, then with every layer. Cost: ``top + 3`` eval-mode passes over
-``num_batches`` batches (baseline and train-mode reference share one pass).
+together, then with every layer. Cost: ``top + 4`` forwards of each of
+``num_batches`` batches (eval and train-mode references, one per layer, the top
+layers together, every layer).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import replace
 
-from .errors import DataError
 from .frameworks import ForwardMode, ModelAdapter
 from .passes import PassResult, ScoringOptions, run_passes
 from .report import Attribution, AttributionSummary, LayerReport, ModeMetrics
@@ -18,9 +18,8 @@ from .report import Attribution, AttributionSummary, LayerReport, ModeMetrics
 
 def attribute_gap(adapter: ModelAdapter, plan, result: PassResult, layer_reports: list[LayerReport], *,
                   device, scoring: ScoringOptions, top: int, num_batches: int):
+    plan.require_reiterable("--attribute")
     batches = list(itertools.islice(iter(plan.batches), num_batches))
-    if not batches:
-        raise DataError("--attribute iterates the data again: pass a DataLoader or Dataset, not a one-shot generator")
     reference = run_passes(adapter, batches, device=device, modes=(ForwardMode.EVAL, ForwardMode.NORM_TRAIN),
                            collect_stats=False, scoring=scoring)
     baseline = _metrics(reference.metrics[ForwardMode.EVAL])
@@ -56,18 +55,19 @@ def _metrics(metrics) -> ModeMetrics:
 
 
 def recovered_share(baseline: ModeMetrics, target: ModeMetrics, fixed: ModeMetrics,
-                    min_gap: float = 1e-3) -> float | None:
+                    min_gap: float = 0.01) -> float | None:
     """Share of the baseline-to-target gap that ``fixed`` closes (1 = fully, 0 = not at all).
 
-    Accuracy when available, else loss; None when there is no gap to close.
+    Accuracy when eval mode trails train mode by at least ``min_gap``, else loss when it is
+    worse by ``min_gap`` relative; None otherwise: a share of no gap means nothing.
     """
     if baseline.accuracy is not None and target.accuracy is not None and fixed.accuracy is not None:
         gap = target.accuracy - baseline.accuracy
-        if abs(gap) >= min_gap:
+        if gap >= min_gap:
             return (fixed.accuracy - baseline.accuracy) / gap
     if baseline.loss is None or target.loss is None or fixed.loss is None:
         return None
     gap = baseline.loss - target.loss
-    if abs(gap) < min_gap * max(1.0, abs(target.loss)):
+    if gap < min_gap * max(1.0, abs(target.loss)):
         return None
     return (baseline.loss - fixed.loss) / gap

@@ -22,14 +22,20 @@ _TARGET_KEYS = ("targets", "target", "labels", "label", "y")
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Where batches come from. ``batches`` is re-iterable: each iteration yields the same batches."""
+    """Where batches come from. Unless the user's data is a one-shot iterator (``reiterable`` False),
+    each iteration of ``batches`` yields the same batches."""
 
     batches: Iterable
     batch_size: int | None
     reshuffled: bool
     num_batches: int | None
-    num_samples: int | None
     seed: int
+    reiterable: bool = True
+
+    def require_reiterable(self, why: str) -> None:
+        if not self.reiterable:
+            raise DataError(f"{why} goes over the data more than once: pass a DataLoader, a Dataset or a list "
+                            "of batches, not a one-shot generator")
 
 
 def _is_map_style(data: Any) -> bool:
@@ -88,7 +94,8 @@ def plan_batches(
         raise DataError("--max-samples needs a map-style dataset; use --max-batches for an iterable of batches")
     if batch_size is not None:
         raise DataError("--batch-size needs a map-style dataset; this data yields ready-made batches")
-    return BatchPlan(_GivenBatches(data, max_batches), None, False, None, None, seed)
+    one_shot = hasattr(data, "__next__")  # an iterator (a generator) is used up by one pass
+    return BatchPlan(_GivenBatches(data, max_batches), None, False, None, seed, reiterable=not one_shot)
 
 
 def _default_sampler(loader: DataLoader) -> bool:
@@ -112,7 +119,7 @@ def _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples
     if max_samples is not None and max_samples < size:
         if max_samples < 2:
             raise DataError("--max-samples must be at least 2")
-        # Uniform subset, drawn from the same seed as the shuffle.
+        # Uniform subset, drawn from a seed derived from (not equal to) the shuffle's.
         indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 1))[:max_samples]
         dataset = Subset(dataset, indices.tolist())
         size = max_samples
@@ -125,8 +132,7 @@ def _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples
     if loader is not None:
         kwargs = dict(collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
     batches = _SeededBatches(dataset, batch_size, seed, num_batches, kwargs)
-    samples = min(size, num_batches * batch_size)
-    return BatchPlan(batches, batch_size, True, num_batches, samples, seed)
+    return BatchPlan(batches, batch_size, True, num_batches, seed)
 
 
 class _SeededBatches:

@@ -47,8 +47,10 @@ def _fail_on_errors(command):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
-            if os.environ.get("BNCHECK_DEBUG"):
-                raise
+            if os.environ.get("BNCHECK_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+                import traceback
+
+                traceback.print_exc()  # then exit 2 all the same: 1 would read as "discrepancy found"
             raise InputProblem(_one_line(f"internal error: {type(error).__name__}: {error} "
                                          "(set BNCHECK_DEBUG=1 for the traceback)")) from error
 
@@ -224,7 +226,7 @@ def main():
 @click.option("--attribute-top", type=click.IntRange(min=1), default=3, show_default=True,
               help="Layers to attribute (most drifted first).")
 @click.option("--attribute-batches", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Batches per attribution forward; cost: (top + 2) eval passes over them.")
+              help="Batches the attribution runs on; it costs (top + 4) forwards over each.")
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the report to FILE (only once complete) instead of stdout.")
 @_fail_on_errors
@@ -291,12 +293,14 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
 @click.option("--num-samples", type=click.IntRange(min=2), help="Recompute from at most N samples.")
 @click.option("--include-frozen", is_flag=True, help="Also recompute layers whose parameters are frozen.")
 @click.option("--val-data", type=click.Path(), help="Also report eval metrics before/after on this data.")
+@click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
+@click.option("--output-key", help="Which key or attribute of the output holds the predictions.")
 @click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default="terminal",
               show_default=True, envvar="BNCHECK_FORMAT", help="Summary format (stdout).")
 @_fail_on_errors
 def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, image_size, normalize, layout,
                 input_key, target_key, device, batch_size, seed, max_batches, quiet, output_path, force,
-                num_samples, include_frozen, val_data, fmt):
+                num_samples, include_frozen, val_data, output_index, output_key, fmt):
     """Recompute exact running statistics from data and write a new checkpoint.
 
     Example: bncheck recalibrate model.py -o fixed.pt
@@ -329,7 +333,8 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
         result, fixed_model = run_recalibration(
             loaded.model, loaded.data, inplace=True, device=device, batch_size=batch_size, seed=seed,
             max_batches=max_batches, num_samples=num_samples, include_frozen=include_frozen,
-            val_data=validation, loss_fn=loaded.loss_fn, input_key=input_key, target_key=target_key,
+            val_data=validation, loss_fn=loaded.loss_fn, output_index=output_index, output_key=output_key,
+            input_key=input_key, target_key=target_key,
             progress=progress, return_model=True)
         saved = save_recalibrated(fixed_model, target, result)
     renderer = renderer_for(OutputFormat(fmt))(RenderOptions(color=sys.stdout.isatty()))

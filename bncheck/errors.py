@@ -44,3 +44,10 @@ class BackendError(InputError):
 
 class ForwardError(InputError):
     """The model's forward pass raised on the user's data."""
+
+
+def summarize(error: BaseException, limit: int = 300) -> str:
+    """An exception from torch, Keras or user code as one short line: its message lines joined."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text or type(error).__name__

@@ -174,7 +174,8 @@ def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
                "train for more steps, or recompute exact statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
         weight_words = f"still {weight:.0%} on the initial 0/1 values" if weight is not None else "few updates"
         text = (f"The moving averages saw only {sample.num_batches_tracked} updates with momentum {sample.momentum}: "
-                f"{weight_words}, far from the data's statistics.")
+                + (f"{weight_words}, far from the data's statistics." if ev.has_data else
+                   f"by the update counter alone, {weight_words}; `bncheck diagnose` measures them against data."))
     return [Finding("stats-not-converged", Severity.ERROR if ev.has_data else Severity.WARNING, _names(candidates),
                     evidence, text, fix)]
 

@@ -35,9 +35,9 @@ def measure_layer(
     spread = None
     if stats is not None and running_mean is not None and running_var is not None \
             and running_mean.shape == stats.mean.shape:
-        # Compare with what the layer stores: InstanceNorm keeps the mean of per-instance
-        # unbiased variances, BatchNorm the population variance (n is large, bias negligible).
-        target_var = stats.var_unbiased if layer.per_instance else stats.var
+        # Compare with what exact statistics would store in this layer's convention: PyTorch keeps
+        # unbiased variances (InstanceNorm: the mean of per-instance ones), Keras the biased one.
+        target_var = stats.var_unbiased if layer.stores_unbiased_variance else stats.var
         metrics = drift_metrics(stats.mean, target_var, running_mean, running_var, layer.eps)
         shift, ratio, drift = metrics.mean_shift, metrics.var_ratio, metrics.drift
         channels = ChannelStats(

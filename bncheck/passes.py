@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .batches import batch_length, iter_tensors, split_batch
-from .errors import BncheckError, DataError, ForwardError, NonFiniteError, ShapeMismatchError
+from .errors import BncheckError, DataError, ForwardError, NonFiniteError, ShapeMismatchError, summarize
 from .frameworks import ForwardMode, ModelAdapter
 from .stats import InputStatsAccumulator, LayerInputStats
 from .tasks import (
@@ -66,7 +66,9 @@ def run_passes(
     scoring: ScoringOptions = ScoringOptions(),
     progress: ProgressCallback | None = None,
     total_batches: int | None = None,
+    keep_eval: frozenset[str] = frozenset(),
 ) -> PassResult:
+    """Run every batch through ``modes``; norm layers in ``keep_eval`` always use their running stats."""
     layers = adapter.norm_layers()
     accumulators: dict[ForwardMode, dict[str, InputStatsAccumulator]] = {
         mode: {layer.name: InputStatsAccumulator(layer.channel_dim, layer.per_instance) for layer in layers}
@@ -110,7 +112,7 @@ def run_passes(
                 outputs = {}
                 for mode in modes:
                     state["mode"] = mode
-                    adapter.set_mode(mode)
+                    adapter.set_mode(mode, keep_eval=keep_eval)
                     raw = _forward(adapter, inputs, index)
                     out = select_output(adapter.output_to_tensor(raw), output_index=scoring.output_index,
                                         output_key=scoring.output_key)
@@ -144,7 +146,8 @@ def run_passes(
 
     if task is None:
         raise DataError("the data yielded no batch with 2 or more samples")
-    stats = {m: {name: acc.result() for name, acc in accs.items() if acc.result() is not None}
+    stats = {m: {name: result for name, result in ((n, acc.result()) for n, acc in accs.items())
+                 if result is not None}
              for m, accs in accumulators.items()}
     return PassResult(
         task=task,
@@ -173,8 +176,7 @@ def _loaded(batches: Iterable):
         except BncheckError:
             raise
         except Exception as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise DataError(f"cannot load batch {index}: {first_line}; samples must share one shape "
+            raise DataError(f"cannot load batch {index}: {summarize(error)}; samples must share one shape "
                             "(--image-size resizes image folders)") from error
         yield batch
         index += 1
@@ -195,7 +197,7 @@ def _forward(adapter: ModelAdapter, inputs: Any, index: int) -> Any:
     try:
         return adapter.forward(inputs)
     except Exception as error:  # any failure inside user code is an input problem, not a crash
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = summarize(error)
         shapes = [tuple(t.shape) for t in iter_tensors(inputs)]
         shape_text = shapes[0] if len(shapes) == 1 else shapes
         cls = ShapeMismatchError if any(w in first_line for w in ("shape", "size", "mat1", "dimension", "channels")) \
@@ -235,5 +237,5 @@ def _score(task, outputs, targets, loss_fn, index):
         raise ShapeMismatchError(
             f"cannot score batch {index}: outputs {tuple(outputs.shape)}, targets "
             f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            f"{summarize(error)}"
         ) from error

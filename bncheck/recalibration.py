@@ -57,6 +57,8 @@ def recalibrate(
     include_frozen: bool = False,
     val_data: Any = None,
     loss_fn: Callable | None = None,
+    output_index: int | None = None,
+    output_key: str | None = None,
     input_key: str | None = None,
     target_key: str | None = None,
     progress: Callable[[int, int | None], None] | None = None,
@@ -79,17 +81,21 @@ def recalibrate(
         raise InputError(f"all {len(layers)} norm layers with running statistics have frozen parameters and are "
                          "kept as they are; pass --include-frozen (include_frozen=True) to recompute them")
     torch_device = resolve_device(device)
-    scoring = ScoringOptions(loss_fn=loss_fn, input_key=input_key, target_key=target_key)
+    scoring = ScoringOptions(loss_fn=loss_fn, output_index=output_index, output_key=output_key,
+                             input_key=input_key, target_key=target_key)
     plan = plan_batches(data, batch_size=batch_size, seed=seed, max_batches=max_batches, max_samples=num_samples)
+    plan.require_reiterable("recalibrate (statistics, then eval metrics before and after)")
+    # Kept layers normalise with their running statistics, as they will in eval mode, so the
+    # layers after them see the inputs they will see then.
     measured = run_passes(adapter, plan.batches, device=torch_device,
                           modes=(ForwardMode.EVAL, ForwardMode.NORM_TRAIN), scoring=scoring,
-                          progress=progress, total_batches=plan.num_batches)
+                          progress=progress, total_batches=plan.num_batches, keep_eval=frozenset(skipped))
     val_plan = plan_batches(val_data, batch_size=batch_size, seed=seed) if val_data is not None else None
     val_before = _evaluate(adapter, val_plan, torch_device, scoring) if val_plan else None
     for layer in chosen:
         stats = measured.layer_stats.get(layer.name)
         if stats is not None:
-            layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased)
+            layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased, num_batches=stats.num_batches)
     after = _evaluate(adapter, plan, torch_device, scoring)
     evaluations = [EvalComparison("data", _metrics(measured.metrics[ForwardMode.EVAL]), after)]
     if val_plan is not None:

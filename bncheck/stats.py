@@ -154,9 +154,10 @@ def ema_initial_weight(momentum: float | None, num_updates: int | None) -> float
 class LayerInputStats:
     """True statistics of one norm layer's input over the whole data.
 
-    ``mean``/``var`` are what the running statistics should hold: for BatchNorm the
-    population moments over all samples and positions; for InstanceNorm the mean
-    of per-instance moments. ``batch_mean_dispersion`` is the weighted variance of
+    ``mean``/``var`` (biased) and ``var_unbiased`` are the population moments over all
+    samples and positions for BatchNorm, and the means of per-instance moments for
+    InstanceNorm; a layer's running statistics should equal ``mean`` and the variance
+    in its own convention (PyTorch: ``var_unbiased``; Keras: ``var``). ``batch_mean_dispersion`` is the weighted variance of
     per-batch means (BatchNorm only; zero for InstanceNorm).
     """
 

@@ -141,13 +141,18 @@ def set_norm_train(model: nn.Module, momentum: float | None = 0.0) -> nn.Module:
     return model
 
 
-def collect_norm_inputs(model: nn.Module, batches: list, *, mode: str = "norm_train") -> dict[str, torch.Tensor]:
+def collect_norm_inputs(model: nn.Module, batches: list, *, mode: str = "norm_train",
+                        keep_eval: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Every norm layer's inputs over ``batches``, concatenated (float64), collected with
     our own forward pre-hooks on a deep copy. ``mode``: "norm_train" (only norm layers in
-    train mode), "train" (``model.train()``, dropout on) or "eval"."""
+    train mode, except those named in ``keep_eval``), "train" (``model.train()``, dropout on)
+    or "eval"."""
     clone = copy.deepcopy(model)
     if mode == "norm_train":
         set_norm_train(clone)
+        for name, m in norm_modules(clone):
+            if name in keep_eval:
+                m.eval()
     elif mode == "train":
         clone.train()
         for _, m in norm_modules(clone):

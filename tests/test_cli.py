@@ -361,7 +361,9 @@ def test_unexpected_exception_is_one_line_exit_2(models, monkeypatch):
                               "BNCHECK_DEBUG=1", internal=True)
     assert line.endswith("(set BNCHECK_DEBUG=1 for the traceback)")
     result = run("diagnose", models["none"], env={"BNCHECK_DEBUG": "1"})
-    assert isinstance(result.exception, RuntimeError)  # the traceback is not swallowed
+    assert result.exit_code == 2  # still an error exit, not "discrepancy found"
+    assert "Traceback" in result.stderr and "second line" in result.stderr  # the traceback is shown
+    assert "Traceback" not in run("diagnose", models["none"], env={"BNCHECK_DEBUG": "0"}).stderr
 
 
 def test_ctrl_c_is_not_a_finding(tmp_path):

@@ -198,7 +198,7 @@ def test_each_layer_type_is_measured_exactly(case):
     mean, var, var_unbiased = channel_moments(x)
     # Known running statistics: shifted by (0, .5, 1, 2) true std, variance scaled by (1, 2, .5, 1).
     with torch.no_grad():
-        norm.running_mean.copy_(mean + torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64) * var.sqrt())
+        norm.running_mean.copy_(mean + torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64) * var_unbiased.sqrt())
         norm.running_var.copy_(var_unbiased * torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64))
     before = model_state(model)
 
@@ -218,10 +218,11 @@ def test_each_layer_type_is_measured_exactly(case):
                                rtol=1e-9, atol=1e-9)
     assert torch.equal(torch.tensor(ch.running_mean, dtype=torch.float64), norm.running_mean.double())
     assert torch.equal(torch.tensor(ch.running_var, dtype=torch.float64), norm.running_var.double())
-    # Independent drift: shift in true std units, variance ratio, and their W2 combination.
+    # Independent drift against what exact statistics would store (PyTorch: the unbiased variance):
+    # shift in true std units, variance ratio, and their W2 combination.
     rm, rv = norm.running_mean.double(), norm.running_var.double()
-    shift = (rm - mean).abs() / (var + norm.eps).sqrt()
-    ratio = (rv + norm.eps) / (var + norm.eps)
+    shift = (rm - mean).abs() / (var_unbiased + norm.eps).sqrt()
+    ratio = (rv + norm.eps) / (var_unbiased + norm.eps)
     drift = (shift**2 + (ratio.sqrt() - 1) ** 2).sqrt()
     assert layer.mean_shift_max == pytest.approx(float(shift.max()), rel=1e-6)
     assert layer.mean_shift_max == pytest.approx(2.0, rel=1e-3)
@@ -320,15 +321,15 @@ def test_injected_mean_shift_is_reported_exactly_on_that_layer(healthy_convnet, 
     assert report.verdict is bncheck.Verdict.FAIL
     bn2 = report.layers[0]
     inputs = collect_norm_inputs(healthy_convnet, batches)["bn2"]
-    mean, var, _ = channel_moments(inputs)
+    mean, var, var_unbiased = channel_moments(inputs)
     eps = healthy_convnet.bn2.eps
-    shift = (healthy_convnet.bn2.running_mean.double() - mean).abs() / (var + eps).sqrt()
+    shift = (healthy_convnet.bn2.running_mean.double() - mean).abs() / (var_unbiased + eps).sqrt()
     torch.testing.assert_close(torch.tensor(bn2.channels.true_mean, dtype=torch.float64), mean, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(torch.tensor(bn2.channels.true_var, dtype=torch.float64), var, rtol=1e-9, atol=1e-9)
     assert bn2.mean_shift_max == pytest.approx(float(shift.max()), rel=1e-9)
     assert bn2.mean_shift_mean == pytest.approx(float(shift.mean()), rel=1e-9)
     # ... which is 3 / sqrt(var + eps) per channel, up to the healthy model's own small drift.
-    torch.testing.assert_close(shift, 3.0 / (var + eps).sqrt(), rtol=0, atol=0.02)
+    torch.testing.assert_close(shift, 3.0 / (var_unbiased + eps).sqrt(), rtol=0, atol=0.02)
     # Train mode ignores running statistics: every layer's true statistics are unchanged,
     # and the untouched layers' drift is exactly what it was.
     for name in ("bn1", "bn3"):

@@ -11,10 +11,11 @@ keras = pytest.importorskip("keras")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bncheck.errors import BackendError, CheckpointError, OutputExistsError  # noqa: E402
+from bncheck.errors import BackendError, CheckpointError  # noqa: E402
 from bncheck.frameworks import ForwardMode, adapter_for  # noqa: E402
 from bncheck.frameworks.keras_adapter import KerasModelAdapter, import_keras, is_keras_model  # noqa: E402
-from bncheck.loading.keras_files import load_keras_model, load_keras_weights, save_keras_model  # noqa: E402
+from bncheck.files import write_atomically  # noqa: E402
+from bncheck.loading.keras_files import load_keras_model, load_keras_weights  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras vs numpy 2
 CPU = torch.device("cpu")
@@ -66,8 +67,11 @@ def batch(*shape, seed=0):
     return np.random.default_rng(seed).normal(1.0, 2.0, size=shape)  # float64 on purpose
 
 
-def run(adapter, mode, x, **kw):
-    adapter.set_mode(mode, **kw)
+def run(adapter, mode, x, *, update_stats=False):
+    adapter.set_mode(mode)
+    if update_stats:  # undo the adapter's momentum freeze, to see what Keras itself would do
+        for layer in adapter.norm_layers():
+            layer.module.momentum = layer.user_momentum
     with adapter.no_grad():
         return adapter.output_to_tensor(adapter.forward(adapter.prepare_inputs(x, CPU)))
 
@@ -142,7 +146,7 @@ def test_unfrozen_norm_train_updates_with_keras_momentum_and_biased_variance():
     (layer,) = adapter.norm_layers()
     old_mean, old_var = layer.running_mean(), layer.running_var()
     x = batch(7, 6)
-    run(adapter, ForwardMode.NORM_TRAIN, x, freeze_running_stats=False)
+    run(adapter, ForwardMode.NORM_TRAIN, x, update_stats=True)
     z = features(torch.as_tensor(x, dtype=torch.float32)).double()
     mean, var = z.mean(dim=(0, 2)), z.var(dim=(0, 2), unbiased=False)
     torch.testing.assert_close(layer.running_mean(), 0.99 * old_mean + 0.01 * mean, atol=1e-6, rtol=1e-5)
@@ -174,7 +178,7 @@ def test_restore_after_full_train_and_a_failure_mid_forward():
     eval_before = run(adapter, ForwardMode.EVAL, x)
     before = state(model)
     snap = adapter.snapshot()
-    run(adapter, ForwardMode.FULL_TRAIN, x, freeze_running_stats=False)
+    run(adapter, ForwardMode.FULL_TRAIN, x, update_stats=True)
     assert not np.array_equal(value(bn.moving_mean), before[bn.moving_mean.path])  # stats did move
 
     def boom(_module, _args):
@@ -183,7 +187,7 @@ def test_restore_after_full_train_and_a_failure_mid_forward():
     head_hook = model.get_layer("head").register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         try:
-            run(adapter, ForwardMode.NORM_TRAIN, x, freeze_running_stats=False)  # BN updates, then head fails
+            run(adapter, ForwardMode.NORM_TRAIN, x, update_stats=True)  # BN updates, then head fails
         finally:
             head_hook.remove()
             bn.trainable = False
@@ -247,12 +251,10 @@ def test_is_keras_model_and_lazy_import():
     assert result.stdout.split() == ["False", "False"]
 
 
-def test_save_refuses_overwrite_and_round_trips(tmp_path):
+def test_save_round_trips_atomically(tmp_path):
     model, _ = conv_model()
     path = tmp_path / "model.keras"
-    save_keras_model(model, path)
-    with pytest.raises(OutputExistsError):
-        save_keras_model(model, path)
+    write_atomically(path, adapter_for(model).save)
     assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]
     loaded = load_keras_model(path)
     assert_same_state(state(model), state(loaded))
@@ -324,15 +326,17 @@ def test_import_keras_errors(monkeypatch):
 @pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")  # Keras, on the mismatch
 def test_weights_file_round_trip_and_mismatch(tmp_path):
     model, _ = conv_model()
-    path = save_keras_model(model, tmp_path / "w.weights.h5")
+    path = tmp_path / "w.weights.h5"
+    write_atomically(path, adapter_for(model).save)
     fresh, _ = conv_model()
     fresh.get_layer("bn").moving_mean.assign(np.zeros(4, dtype="float32"))
     load_keras_weights(fresh, path)
     assert_same_state(state(model), state(fresh))
     with pytest.raises(CheckpointError, match="does not fit"):
         load_keras_weights(dropout_model(), path)
-    with pytest.raises(CheckpointError, match="must end in"):
-        save_keras_model(model, tmp_path / "model.h5")
+    with pytest.raises(CheckpointError, match="use a .keras file"):
+        write_atomically(tmp_path / "model.h5", adapter_for(model).save)
+    assert not (tmp_path / "model.h5").exists()
 
 
 def test_clone_model_copies_moving_stats_exactly_and_independently():

@@ -26,10 +26,10 @@ def recalibrate(model, data, **options):
     return bncheck.recalibrate(model, data, device="cpu", **options)
 
 
-def reference_stats(model, batches, mode="norm_train"):
+def reference_stats(model, batches, mode="norm_train", keep_eval=()):
     """Per layer (mean, unbiased var) of its train-mode input over ``batches``, via our own hooks."""
     return {name: (lambda m: (m[0], m[2]))(channel_moments(x))
-            for name, x in collect_norm_inputs(model, batches, mode=mode).items()}
+            for name, x in collect_norm_inputs(model, batches, mode=mode, keep_eval=keep_eval).items()}
 
 
 def assert_buffers_equal_reference(model, reference, names):
@@ -57,10 +57,12 @@ def test_recalibrated_buffers_equal_torch_cat_reference(broken_convnet, images):
     assert_buffers_equal_reference(fixed, reference_stats(broken_convnet, batches), {"bn1", "bn2", "bn3"})
     assert result.updated_layers == ("bn1", "bn2", "bn3") and result.layers_updated == 3
     assert (result.num_samples, result.num_batches) == (len(x), len(batches))
-    # only running_mean / running_var changed; weights and num_batches_tracked are kept
+    # running_mean / running_var replaced, num_batches_tracked counts the batches used, weights kept
     for key, value in fixed.state_dict().items():
         if key.endswith(("running_mean", "running_var")):
             assert not torch.equal(value, original[key]), key
+        elif key.endswith("num_batches_tracked"):
+            assert int(value) == int(original[key]) + len(batches), key
         else:
             assert torch.equal(value, original[key]), key
 
@@ -106,13 +108,15 @@ def test_frozen_layers_are_skipped_unless_included(broken_convnet, images):
     batches = as_batches(x, y, 32)
     for p in broken_convnet.bn2.parameters():
         p.requires_grad_(False)
-    reference = reference_stats(broken_convnet, batches)
     result, fixed = recalibrate(broken_convnet, batches, return_model=True)
     assert result.skipped_frozen == ("bn2",) and result.updated_layers == ("bn1", "bn3")
     assert torch.equal(fixed.bn2.running_mean, broken_convnet.bn2.running_mean)
     assert torch.equal(fixed.bn2.running_var, broken_convnet.bn2.running_var)
-    assert_buffers_equal_reference(fixed, reference, {"bn1", "bn3"})
+    # bn3 sees bn2's output as it will in eval mode: bn2 normalising with its kept statistics
+    kept = reference_stats(broken_convnet, batches, keep_eval=("bn2",))
+    assert_buffers_equal_reference(fixed, kept, {"bn1", "bn3"})
 
+    reference = reference_stats(broken_convnet, batches)
     result, fixed = recalibrate(broken_convnet, batches, include_frozen=True, return_model=True)
     assert result.skipped_frozen == () and result.layers_updated == 3
     assert_buffers_equal_reference(fixed, reference, {"bn1", "bn2", "bn3"})

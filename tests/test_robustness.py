@@ -227,3 +227,35 @@ def test_a_loader_with_a_custom_sampler_is_used_as_given():
                                          sampler=torch.utils.data.SubsetRandomSampler(range(48)))
     report = bncheck.diagnose(trained_mlp(), loader, device="cpu")
     assert report.data.num_samples == 48 and not report.data.reshuffled
+
+
+def test_recalibrated_model_passes_inspect_and_has_no_drift():
+    model = trained_mlp()
+    with torch.no_grad():
+        model[1].reset_running_stats()  # stats lost: inspect warns, diagnose fails
+    assert "stats-never-updated" in {f.code for f in bncheck.inspect(model).findings}
+    assert not bncheck.diagnose(model, data(), device="cpu").passed
+    _, fixed = bncheck.recalibrate(model, data(), device="cpu", return_model=True)
+    # The counter now records the 3 batches averaged; from the counter alone inspect can only warn.
+    assert {f.code: f.severity.value for f in bncheck.inspect(fixed).findings} == {"stats-not-converged": "warning"}
+    assert int(fixed[1].num_batches_tracked) == 3
+    # exact up to the float32 buffers, with variance conventions matched
+    assert bncheck.diagnose(fixed, data(), device="cpu").layers[0].drift < 1e-6
+
+
+def test_recalibrate_with_an_output_key_and_refuses_one_shot_generators():
+    class DictOut(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {"scores": self.inner(x), "aux": x.sum()}
+
+    model = DictOut(trained_mlp())
+    result = bncheck.recalibrate(model, data(), output_key="scores", device="cpu")
+    assert result.evaluations[0].after.accuracy > 0.9
+    x, y = data()
+    batches = ((x[i:i + 32], y[i:i + 32]) for i in range(0, 96, 32))
+    with pytest.raises(bncheck.InputError, match="one-shot generator"):
+        bncheck.recalibrate(model, batches, output_key="scores", device="cpu")

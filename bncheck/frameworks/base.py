@@ -88,8 +88,10 @@ class NormLayer(ABC):
         """Call ``fn(input)`` before every forward; returns a handle with ``remove()``."""
 
     @abstractmethod
-    def write_running_stats(self, mean: torch.Tensor, biased_var: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """Replace the running statistics (recalibration); the layer picks its variance convention."""
+    def write_running_stats(self, mean: torch.Tensor, biased_var: torch.Tensor, unbiased_var: torch.Tensor,
+                            num_batches: int = 0) -> None:
+        """Replace the running statistics (recalibration); the layer picks its variance convention and
+        counts ``num_batches`` more updates where it keeps a counter."""
 
     @property
     def source_module(self):
@@ -117,8 +119,9 @@ class ModelAdapter(ABC):
     def restore(self, snapshot: Any) -> None: ...
 
     @abstractmethod
-    def set_mode(self, mode: ForwardMode, *, freeze_running_stats: bool = True) -> None:
-        """Put the model in ``mode``; with ``freeze_running_stats`` running stats stay unchanged."""
+    def set_mode(self, mode: ForwardMode, *, keep_eval: frozenset[str] = frozenset()) -> None:
+        """Put the model in ``mode`` with running statistics frozen; norm layers named in
+        ``keep_eval`` keep normalising with their running statistics in every mode."""
 
     @abstractmethod
     def forward(self, inputs: Any) -> Any: ...

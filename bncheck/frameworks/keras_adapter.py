@@ -119,8 +119,9 @@ class KerasNormLayer(NormLayer):
                 fn(args[0])
         return self.module.register_forward_pre_hook(pre_hook)
 
-    def write_running_stats(self, mean, biased_var, unbiased_var) -> None:
-        """Biased variance (``unbiased_var`` unused); renorm also keeps ``moving_stddev = sqrt(var + eps)``."""
+    def write_running_stats(self, mean, biased_var, unbiased_var, num_batches: int = 0) -> None:
+        """Biased variance (``unbiased_var`` unused; Keras keeps no update counter); renorm also keeps
+        ``moving_stddev = sqrt(var + eps)``."""
         pairs = [(self.module.moving_mean, mean), (self.module.moving_variance, biased_var)]
         if getattr(self.module, "renorm", False):
             pairs.append((self.module.moving_stddev, torch.sqrt(torch.as_tensor(biased_var) + self.eps)))
@@ -196,7 +197,7 @@ class KerasModelAdapter(ModelAdapter):
                 layer.module.trainable = trainable  # the setter also walks sublayers and variables
         _copy_back(snapshot.values)
 
-    def set_mode(self, mode: ForwardMode, *, freeze_running_stats: bool = True) -> None:
+    def set_mode(self, mode: ForwardMode, *, keep_eval: frozenset[str] = frozenset()) -> None:
         """EVAL: ``training=False``. NORM_TRAIN: that, but ``training=True`` forced on each BN (which a
         ``trainable=False`` BN ignores, as in ``fit``). FULL_TRAIN: ``training=True``. Momentum 1.0 keeps
         moving stats exactly unchanged; renorm layers (moving stddev) are also guarded by hooks."""
@@ -205,9 +206,9 @@ class KerasModelAdapter(ModelAdapter):
         for layer in self._norm:
             module = layer.module
             layer.batch_stats_requested = mode is not ForwardMode.EVAL
-            freeze = freeze_running_stats and mode is not ForwardMode.EVAL
+            freeze = mode is not ForwardMode.EVAL
             module.momentum = 1.0 if freeze else layer.user_momentum
-            if mode is ForwardMode.NORM_TRAIN:
+            if mode is ForwardMode.NORM_TRAIN and layer.name not in keep_eval:
                 self._hooks.append(module.register_forward_pre_hook(_force_training, with_kwargs=True))
             if freeze and getattr(module, "renorm", False):
                 self._hooks += _guard_variables(module)

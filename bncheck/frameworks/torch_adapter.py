@@ -95,12 +95,15 @@ class TorchNormLayer(NormLayer):
 
         return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    def write_running_stats(self, mean, biased_var, unbiased_var) -> None:
-        # PyTorch stores the unbiased variance; InstanceNorm stores the mean of
-        # per-instance unbiased variances, which the caller passes in unbiased_var.
+    def write_running_stats(self, mean, biased_var, unbiased_var, num_batches: int = 0) -> None:
+        # PyTorch stores the unbiased variance; InstanceNorm stores the mean of per-instance
+        # unbiased variances, which the caller passes in unbiased_var.
         with torch.no_grad():
             self.module.running_mean.copy_(mean.to(self.module.running_mean))
             self.module.running_var.copy_(unbiased_var.to(self.module.running_var))
+            counter = getattr(self.module, "num_batches_tracked", None)
+            if num_batches and counter is not None and not self.per_instance:
+                counter.add_(num_batches)  # the statistics now reflect that many more batches
 
 
 @dataclass(frozen=True)
@@ -140,16 +143,14 @@ class TorchModelAdapter(ModelAdapter):
 
     def _device(self) -> torch.device | None:
         for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            if not isinstance(tensor, nn.parameter.UninitializedParameter | nn.parameter.UninitializedBuffer):
+            if not isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
                 return tensor.device
         return None
 
     def snapshot(self) -> _TorchSnapshot:
-        buffers = {}
-        for layer in self._norm:
-            for key, value in layer.module.named_buffers(recurse=False):
-                if value is not None and not isinstance(value, nn.parameter.UninitializedBuffer):
-                    buffers[f"{layer.name}.{key}"] = value.detach().clone()
+        # Every buffer: the model.train() pass may touch more than norm layers (spectral_norm's u and v).
+        buffers = {name: value.detach().clone() for name, value in self.model.named_buffers()
+                   if value is not None and not isinstance(value, nn.parameter.UninitializedBuffer)}
         return _TorchSnapshot(
             training=tuple(m.training for m in self._modules),
             momenta=tuple(layer.module.momentum for layer in self._norm),
@@ -165,16 +166,16 @@ class TorchModelAdapter(ModelAdapter):
         with torch.no_grad():
             for layer, momentum in zip(self._norm, snapshot.momenta):
                 layer.module.momentum = momentum
-                for key, value in layer.module.named_buffers(recurse=False):
-                    saved = snapshot.buffers.get(f"{layer.name}.{key}")
-                    if saved is not None and value is not None:
-                        value.copy_(saved.to(value.device))
+            for name, value in self.model.named_buffers():
+                saved = snapshot.buffers.get(name)
+                if saved is not None and value is not None:
+                    value.copy_(saved.to(value.device))
 
-    def set_mode(self, mode: ForwardMode, *, freeze_running_stats: bool = True) -> None:
+    def set_mode(self, mode: ForwardMode, *, keep_eval: frozenset[str] = frozenset()) -> None:
         self.model.train(mode is ForwardMode.FULL_TRAIN)
         for layer in self._norm:
-            layer.module.train(mode is not ForwardMode.EVAL)
-            if freeze_running_stats and mode is not ForwardMode.EVAL:
+            layer.module.train(mode is not ForwardMode.EVAL and layer.name not in keep_eval)
+            if mode is not ForwardMode.EVAL:
                 # momentum 0 makes the EMA update a no-op: running = 1*running + 0*batch.
                 layer.module.momentum = 0.0
 

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, OutputExistsError
+from ..errors import CheckpointError, summarize
 from ..frameworks.keras_adapter import import_keras
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 WEIGHTS_SUFFIX = ".weights.h5"
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """Keras messages span several lines (the cause is often on the second): join and shorten."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _one_line(exc: BaseException) -> str:
+    """Keras messages span several lines (the cause is often on the second)."""
+    return f"{type(exc).__name__}: {summarize(exc)}"
 
 
 def load_keras_model(path: str | os.PathLike, *, custom_objects: dict[str, Any] | None = None,
@@ -92,54 +89,3 @@ def load_keras_weights(model, path: str | os.PathLike) -> None:
     steps = saved_optimizer_steps(path)
     if steps is not None:
         model._bncheck_optimizer_steps = steps  # read by the adapter in place of optimizer.iterations
-
-
-def save_keras_model(model, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then a rename.
-
-    ``.weights.h5`` saves only the weights, ``.keras`` the whole model. An existing
-    ``path`` is kept and :class:`OutputExistsError` raised unless ``overwrite``;
-    a failed save leaves nothing behind.
-    """
-    path = Path(path)
-    name = path.name.lower()
-    weights_only = name.endswith(WEIGHTS_SUFFIX)
-    if not weights_only and not name.endswith(".keras"):
-        raise CheckpointError(f"{path}: Keras output must end in .keras (whole model) or {WEIGHTS_SUFFIX}")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; refusing to overwrite it")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"{path.parent}: folder not found")
-    import_keras()
-    suffix = WEIGHTS_SUFFIX if weights_only else ".keras"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        if weights_only:
-            model.save_weights(tmp, overwrite=True)
-        else:
-            model.save(tmp, overwrite=True)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _publish_new(tmp, path)
-    except OutputExistsError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"cannot write Keras model {path}: {_one_line(exc)}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _publish_new(tmp: str, path: Path) -> None:
-    """Rename ``tmp`` to ``path`` only if ``path`` still does not exist."""
-    try:
-        os.link(tmp, path)  # atomic and fails when path appeared meanwhile
-    except FileExistsError:
-        raise OutputExistsError(f"{path} exists; refusing to overwrite it") from None
-    except OSError:  # no hard links on this filesystem
-        if path.exists():
-            raise OutputExistsError(f"{path} exists; refusing to overwrite it") from None
-        os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Plain-data views of result records, shared by the JSON and Markdown renderers."""
+"""Plain-data views of result records for the JSON renderer."""
 from __future__ import annotations
 
 import dataclasses
