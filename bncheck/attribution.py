@@ -12,6 +12,7 @@ import itertools
 from dataclasses import replace
 
 from .frameworks import ForwardMode, ModelAdapter
+from .tasks import mode_metrics
 from .passes import PassResult, ScoringOptions, run_passes
 from .report import Attribution, AttributionSummary, LayerReport, ModeMetrics
 
@@ -22,8 +23,8 @@ def attribute_gap(adapter: ModelAdapter, plan, result: PassResult, layer_reports
     batches = list(itertools.islice(iter(plan.batches), num_batches))
     reference = run_passes(adapter, batches, device=device, modes=(ForwardMode.EVAL, ForwardMode.NORM_TRAIN),
                            collect_stats=False, scoring=scoring)
-    baseline = _metrics(reference.metrics[ForwardMode.EVAL])
-    target = _metrics(reference.metrics[ForwardMode.NORM_TRAIN])
+    baseline = mode_metrics(reference.metrics[ForwardMode.EVAL])
+    target = mode_metrics(reference.metrics[ForwardMode.NORM_TRAIN])
     by_name = {layer.name: layer for layer in adapter.norm_layers()}
     fixable = [l for l in layer_reports if l.drift is not None and l.name in result.layer_stats]
     chosen = [l.name for l in fixable[:top]]
@@ -38,7 +39,7 @@ def attribute_gap(adapter: ModelAdapter, plan, result: PassResult, layer_reports
                                  collect_stats=False, scoring=scoring)
         finally:
             adapter.restore(snapshot)
-        fixed = _metrics(outcome.metrics[ForwardMode.EVAL])
+        fixed = mode_metrics(outcome.metrics[ForwardMode.EVAL])
         return Attribution(fixed.loss, fixed.accuracy, recovered_share(baseline, target, fixed))
 
     per_layer = {name: evaluate_with_true_stats([name]) for name in chosen}
@@ -49,9 +50,6 @@ def attribute_gap(adapter: ModelAdapter, plan, result: PassResult, layer_reports
     updated = [replace(l, attribution=per_layer.get(l.name)) for l in layer_reports]
     return summary, updated
 
-
-def _metrics(metrics) -> ModeMetrics:
-    return ModeMetrics(metrics.loss, metrics.accuracy)
 
 
 def recovered_share(baseline: ModeMetrics, target: ModeMetrics, fixed: ModeMetrics,

@@ -55,11 +55,13 @@ def as_dataset(data: Any) -> Any:
             raise DataError(f"inputs hold {len(inputs)} samples but targets hold {len(targets)}")
         return TensorDataset(inputs, targets)
     if isinstance(data, torch.Tensor):
-        return _UnlabelledTensorDataset(data)
+        return UnlabelledDataset(data)
     return data
 
 
-class _UnlabelledTensorDataset(Dataset):
+class UnlabelledDataset(Dataset):
+    """Inputs without targets: item ``i`` is the input tensor itself."""
+
     def __init__(self, inputs: torch.Tensor):
         self.inputs = inputs
 

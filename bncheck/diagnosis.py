@@ -10,8 +10,8 @@ from .findings import Evidence, find_causes
 from .frameworks import ForwardMode, adapter_for
 from .layer_report import drift_sort_key, measure_layer
 from .passes import PassResult, ScoringOptions, run_passes
-from .report import DataSummary, Gap, Gate, MetricsSet, ModeMetrics, Report, Verdict
-from .tasks import Metrics, Task
+from .report import DataSummary, Gap, Gate, MetricsSet, Report, Verdict
+from .tasks import Task, mode_metrics
 
 DEFAULT_MAX_GAP = 0.05           # accuracy points (as a fraction) or train/eval prediction disagreement
 DEFAULT_MAX_RELATIVE_LOSS_GAP = 0.10  # for tasks without accuracy: (eval loss - train loss) / train loss
@@ -137,15 +137,11 @@ def require_running_stats(adapter, layers) -> None:
             "(track_running_stats=False): eval mode already uses batch statistics, so there is nothing to compare")
 
 
-def _mode_metrics(metrics: Metrics | None) -> ModeMetrics | None:
-    return None if metrics is None else ModeMetrics(metrics.loss, metrics.accuracy)
-
-
 def _metrics_set(result: PassResult) -> MetricsSet:
     return MetricsSet(
-        eval=_mode_metrics(result.metrics[ForwardMode.EVAL]),
-        train=_mode_metrics(result.metrics[ForwardMode.NORM_TRAIN]),
-        train_with_dropout=_mode_metrics(result.metrics.get(ForwardMode.FULL_TRAIN)),
+        eval=mode_metrics(result.metrics[ForwardMode.EVAL]),
+        train=mode_metrics(result.metrics[ForwardMode.NORM_TRAIN]),
+        train_with_dropout=mode_metrics(result.metrics.get(ForwardMode.FULL_TRAIN)),
     )
 
 

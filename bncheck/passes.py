@@ -131,7 +131,7 @@ def run_passes(
                 if ForwardMode.EVAL in outputs and ForwardMode.NORM_TRAIN in outputs:
                     _add(agree, prediction_agreement(outputs[ForwardMode.EVAL], outputs[ForwardMode.NORM_TRAIN]))
                     _add(diverge, relative_divergence(outputs[ForwardMode.EVAL], outputs[ForwardMode.NORM_TRAIN]))
-                share = majority_share(targets) if task in (Task.CLASSIFICATION, Task.CUSTOM) else None
+                share = majority_share(targets) if task in (Task.CLASSIFICATION, Task.BINARY, Task.CUSTOM) else None
                 if share is not None:
                     shares.append(share)
                     classes_seen.update(torch.unique(targets).tolist())
@@ -227,6 +227,8 @@ def _as_tensor(targets: Any, index: int) -> Any:
 
 
 def _score(task, outputs, targets, loss_fn, index):
+    if isinstance(targets, torch.Tensor) and targets.device != outputs.device:
+        targets = targets.to(outputs.device)  # Keras places outputs on its own device
     try:
         return score_batch(task, outputs, targets, loss_fn)
     except ShapeMismatchError:

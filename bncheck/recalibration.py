@@ -22,6 +22,7 @@ from .devices import resolve_device
 from .diagnosis import require_running_stats
 from .errors import InputError
 from .frameworks import ForwardMode, adapter_for
+from .tasks import mode_metrics
 from .passes import ScoringOptions, run_passes
 from .report import ModeMetrics
 
@@ -97,7 +98,7 @@ def recalibrate(
         if stats is not None:
             layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased, num_batches=stats.num_batches)
     after = _evaluate(adapter, plan, torch_device, scoring)
-    evaluations = [EvalComparison("data", _metrics(measured.metrics[ForwardMode.EVAL]), after)]
+    evaluations = [EvalComparison("data", mode_metrics(measured.metrics[ForwardMode.EVAL]), after)]
     if val_plan is not None:
         evaluations.append(EvalComparison("val-data", val_before, _evaluate(adapter, val_plan, torch_device, scoring)))
     updated = tuple(l.name for l in chosen if l.name in measured.layer_stats)
@@ -109,11 +110,8 @@ def recalibrate(
 def _evaluate(adapter, plan, device, scoring) -> ModeMetrics:
     outcome = run_passes(adapter, plan.batches, device=device, modes=(ForwardMode.EVAL,), collect_stats=False,
                          scoring=scoring)
-    return _metrics(outcome.metrics[ForwardMode.EVAL])
+    return mode_metrics(outcome.metrics[ForwardMode.EVAL])
 
-
-def _metrics(metrics) -> ModeMetrics:
-    return ModeMetrics(metrics.loss, metrics.accuracy)
 
 
 def save_recalibrated(model: Any, path: Path, result: RecalibrationResult) -> RecalibrationResult:

@@ -17,6 +17,7 @@ from .errors import InputError, ShapeMismatchError
 
 class Task(enum.Enum):
     CLASSIFICATION = "classification"   # class indices or one-hot targets
+    BINARY = "binary"                   # one logit per sample, 0/1 targets
     SEGMENTATION = "segmentation"       # (N, C, *) logits, (N, *) class maps
     MULTILABEL = "multilabel"           # multi-hot targets shaped like the logits
     REGRESSION = "regression"           # float targets shaped like the output
@@ -29,6 +30,13 @@ class Metrics:
     loss: float | None
     accuracy: float | None
     num_samples: int
+
+
+def mode_metrics(metrics: Metrics | None):
+    """The report's view of one mode's metrics."""
+    from .report import ModeMetrics
+
+    return None if metrics is None else ModeMetrics(metrics.loss, metrics.accuracy)
 
 
 def select_output(output: Any, *, output_index: int | None = None, output_key: str | None = None) -> torch.Tensor:
@@ -69,6 +77,9 @@ def infer_task(outputs: torch.Tensor, targets: torch.Tensor | None, *, has_loss_
     if has_loss_fn:
         return Task.CUSTOM
     out_shape, tgt_shape = tuple(outputs.shape), tuple(targets.shape)
+    single_logit = outputs.dim() == 1 or (outputs.dim() == 2 and out_shape[1] == 1)
+    if single_logit and targets.numel() == out_shape[0] and bool(((targets == 0) | (targets == 1)).all()):
+        return Task.BINARY
     if not targets.is_floating_point() and not targets.dtype == torch.bool:
         if outputs.dim() >= 2 and tgt_shape == out_shape[:1]:
             return Task.CLASSIFICATION
@@ -132,6 +143,10 @@ def score_batch(
         loss = F.cross_entropy(out, labels, reduction="sum")
         pixels = labels.numel()
         return BatchScore(float(loss), pixels, float((out.argmax(dim=1) == labels).sum()), pixels)
+    if task is Task.BINARY:
+        logits, labels = out.reshape(-1), targets.float().reshape(-1)
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        return BatchScore(float(loss), n, float(((logits > 0).float() == labels).sum()), n)
     if task is Task.MULTILABEL:
         labels = targets.float()
         loss = F.binary_cross_entropy_with_logits(out, labels, reduction="sum")

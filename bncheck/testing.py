@@ -42,9 +42,9 @@ def assert_bn_consistent(
         return report
     lines = ["BatchNorm train/eval check failed: " + "; ".join(problems)]
     if over:
-        worst = over[0]
-        lines.append(f"{len(over)} / {len(report.layers)} layers over drift {drift_limit:g}; worst: {worst.name} "
-                     f"(drift {worst.drift:.3g}, allowed {drift_limit:g})")
+        allowed = f", allowed {drift_limit:g}" if max_drift is not None else ""
+        lines.append(f"{len(over)} / {len(report.layers)} layers over drift {drift_limit:g}; worst: {over[0].name} "
+                     f"(drift {over[0].drift:.3g}{allowed})")
     lines += [f"{f.severity.value} {f.code}: {f.message} Fix: {f.fix}" for f in report.findings
               if f.severity is not Severity.INFO]
     raise AssertionError("\n".join(lines))

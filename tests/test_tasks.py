@@ -113,3 +113,13 @@ def test_multi_input_model_takes_a_tuple_of_tensors():
     report = bncheck.diagnose(TwoInputs(), batches, device="cpu")
     assert report.data.num_samples == 24
     assert report.layers[0].num_features == 6
+
+
+@pytest.mark.parametrize("targets", [torch.tensor([0, 1, 1, 0]), torch.tensor([[0.0], [1.0], [1.0], [0.0]])])
+def test_single_logit_binary_classifier(targets):
+    outputs = torch.tensor([[-2.0], [3.0], [-1.0], [-0.5]])
+    assert infer_task(outputs, targets) is Task.BINARY
+    score = score_batch(Task.BINARY, outputs, targets)
+    assert score.correct == 3 and score.scored == 4
+    expected = F.binary_cross_entropy_with_logits(outputs.reshape(-1), targets.float().reshape(-1))
+    assert score.loss_sum / score.loss_count == pytest.approx(float(expected))

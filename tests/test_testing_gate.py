@@ -31,8 +31,11 @@ def test_broken_model_fails_naming_gap_worst_layer_and_findings(healthy_convnet,
     first = message.splitlines()[0]
     assert first.startswith("BatchNorm train/eval check failed: accuracy gap ")
     assert "allowed 5.0 pts" in first
-    assert "worst: bn2 (drift " in message and "allowed 0.5)" in message
+    assert "worst: bn2 (drift " in message
     assert "1 / 3 layers over drift 0.5" in message
+    assert "allowed 0.5" not in message  # drift is reported, not gated, unless max_drift is given
+    with pytest.raises(AssertionError, match=r"worst: bn2 \(drift [0-9.]+, allowed 0.5\)"):
+        assert_bn_consistent(healthy_convnet, images, max_drift=0.5)
     assert "error stats-mismatch:" in message and "Fix:" in message
 
 

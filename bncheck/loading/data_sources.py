@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from ..batches import UnlabelledDataset
 from ..errors import BackendError, DataError, InputError
 
 
@@ -47,19 +48,6 @@ SUPPORTED_KINDS = "an image folder (one subfolder per class), .pt/.pth, .npz or 
 _CHANNEL_COUNTS = (1, 3, 4)
 
 NormalizeOption = Union[str, Normalization, None]
-
-
-class UnlabelledDataset(Dataset):
-    """Inputs without targets: item ``i`` is the input tensor itself."""
-
-    def __init__(self, inputs: Tensor):
-        self.inputs = inputs
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __getitem__(self, index: int) -> Tensor:
-        return self.inputs[index]
 
 
 def parse_normalization(text: str) -> Normalization | None:

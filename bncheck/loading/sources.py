@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError, InputError
+from .checkpoints import RUNNING_STAT_SUFFIXES
 
-RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,11 @@ def bar(value: float | None, scale: float, width: int = 20) -> str:
 
 
 def drift_style(value: float | None) -> str:
+    from ..findings import DRIFT_HIGH, DRIFT_NOTICEABLE
+
     if value is None:
         return "dim"
-    return "red" if value > 0.5 else "yellow" if value > 0.2 else "green"
+    return "red" if value > DRIFT_HIGH else "yellow" if value > DRIFT_NOTICEABLE else "green"
 
 
 def gate_text(gate) -> str:

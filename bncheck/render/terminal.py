@@ -75,7 +75,7 @@ class TerminalRenderer:
         table = Table(title=title, title_justify="left")
         table.add_column("layer", overflow="fold", min_width=12)
         for column, justify in (("type", "left"), ("drift", "right"), ("", "left"),
-                                ("shift max", "right"), ("var ratio", "right"), ("momentum", "right"),
+                                ("shift max", "right"), ("var ratio max", "right"), ("momentum", "right"),
                                 ("updates", "right")):
             table.add_column(column, justify=justify)
         if attribution:
