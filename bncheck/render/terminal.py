@@ -71,17 +71,18 @@ class TerminalRenderer:
             return
         scale = max((l.drift or 0.0) for l in shown) or 1.0
         title = f"Norm layers by drift ({len(shown)} of {len(layers)}" + \
-            ("" if len(shown) == len(layers) else "; --all-layers for all") + ")"
+            ("" if len(shown) == len(layers) else "; --all-layers for all") + \
+            "); shift and var ratio: the worst channel"
         table = Table(title=title, title_justify="left")
-        table.add_column("layer", overflow="fold", min_width=12)
-        for column, justify in (("type", "left"), ("drift", "right"), ("", "left"),
-                                ("shift max", "right"), ("var ratio max", "right"), ("momentum", "right"),
-                                ("updates", "right")):
-            table.add_column(column, justify=justify)
+        # Names stay whole where they fit; the type and the headers give way first.
+        table.add_column("layer", overflow="fold", min_width=min(max(len(l.name) for l in shown), 40))
+        table.add_column("type", overflow="fold")
+        for column in ("drift", "", "shift", "var ratio", "momentum", "updates"):
+            table.add_column(column, justify="left" if column == "" else "right")
         if attribution:
             table.add_column("recovers", justify="right")
         for l in shown:
-            row = [l.name, l.type, num(l.drift, 3), Text(bar(l.drift, scale, 12), style=drift_style(l.drift)),
+            row = [l.name, l.type, num(l.drift, 3), Text(bar(l.drift, scale, 10), style=drift_style(l.drift)),
                    num(l.mean_shift_max, 3), num(l.var_ratio_max, 3), momentum_text(l),
                    "n/a" if l.num_batches_tracked is None else str(l.num_batches_tracked)]
             if attribution:
@@ -126,7 +127,8 @@ class TerminalRenderer:
     def recalibration(self, result) -> str:
         console, buffer = self._console()
         console.print(f"bncheck recalibrate: {result.layers_updated} norm layers recomputed from "
-                      f"{result.num_samples} samples in {result.num_batches} batches")
+                      f"{result.num_samples} samples in {result.num_batches} batch"
+                      f"{'' if result.num_batches == 1 else 'es'}")
         table = Table(title="Eval mode before and after", title_justify="left")
         for column in ("data", "loss before", "loss after", "accuracy before", "accuracy after"):
             table.add_column(column, justify="right")
