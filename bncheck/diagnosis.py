@@ -88,7 +88,7 @@ def diagnose(
         verdict=Verdict.PASS if gate.passed else Verdict.FAIL,
         task=result.task.value,
         framework=adapter.framework,
-        device=str(torch_device),
+        device=str(adapter.device_used(torch_device)),
         metrics=metrics,
         gap=gap,
         gate=gate,

@@ -408,3 +408,13 @@ def test_saved_files_hold_no_optimizer_step_count(tmp_path):
     loaded = load_keras_model(tmp_path / "fixed.keras")
     assert adapter_for(loaded).norm_layers()[0].num_batches_tracked() is None
     assert_same_state(state(model), state(loaded))
+
+
+def test_report_names_the_device_keras_runs_on():
+    import bncheck
+
+    model, _ = conv_model()
+    x = torch.as_tensor(batch(8, 8, 8, 3), dtype=torch.float32)
+    y = torch.randint(0, 2, (8,))
+    report = bncheck.diagnose(model, (x, y), device="cpu")
+    assert report.device == str(next(iter(model.weights)).value.device) == "cpu"

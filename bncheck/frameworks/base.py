@@ -133,6 +133,10 @@ class ModelAdapter(ABC):
     def prepare_inputs(self, inputs: Any, device: torch.device) -> Any:
         """Move a batch's inputs where the model runs and into the form it takes."""
 
+    def device_used(self, requested: torch.device) -> torch.device:
+        """Where the passes actually run (the requested device, unless the framework decides)."""
+        return requested
+
     def clone_model(self) -> Any:
         """An independent copy of the model, for changes the caller did not ask to make in place."""
         import copy

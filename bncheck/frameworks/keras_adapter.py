@@ -224,6 +224,11 @@ class KerasModelAdapter(ModelAdapter):
     def move_to(self, device: torch.device) -> None:
         """No-op: Keras places variables at creation (CUDA when available) and cannot move them."""
 
+    def device_used(self, requested: torch.device) -> torch.device:
+        for variable in self.model.weights:
+            return variable.value.device
+        return requested
+
     def prepare_inputs(self, inputs: Any, device: torch.device) -> Any:
         """Torch tensors on the device of the model's variables, which Keras chose (not ``device``);
         float64 becomes float32, integer inputs keep their dtype."""
