@@ -81,7 +81,7 @@ def diagnose(
             adapter, plan, result, layer_reports, device=torch_device, scoring=scoring,
             top=attribute_top, num_batches=attribute_batches)
     evidence = Evidence(
-        layers=tuple(layer_reports), metrics=metrics, gap=gap, gate=gate, reshuffled=plan.reshuffled,
+        layers=tuple(layer_reports), metrics=metrics, gate=gate, reshuffled=plan.reshuffled,
         mean_majority_share=result.mean_majority_share, num_classes_seen=result.num_classes_seen,
         attribution=attribution, missing_running_stats=missing_running_stats, framework=adapter.framework)
     return Report(

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .report import AttributionSummary, Finding, Gap, Gate, LayerReport, MetricsSet, Severity
+from .report import AttributionSummary, Finding, Gate, LayerReport, MetricsSet, Severity
 
 DRIFT_HIGH = 0.5             # mean 2-Wasserstein drift (in true std units) that counts as wrong statistics
 DRIFT_NOTICEABLE = 0.25      # drift that explains a failed gate when the stats are at their 0/1 init
@@ -31,7 +31,6 @@ class Evidence:
 
     layers: tuple[LayerReport, ...]
     metrics: MetricsSet | None = None
-    gap: Gap | None = None
     gate: Gate | None = None
     reshuffled: bool = True
     mean_majority_share: float | None = None

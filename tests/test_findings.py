@@ -44,7 +44,7 @@ def evidence(*layers: LayerReport, data: bool = True, failed: bool = False, **ch
     metrics = MetricsSet(ModeMetrics(1.2 if failed else 0.2, eval_acc), ModeMetrics(0.2, 0.96), None)
     gap = Gap(0.96 - eval_acc, metrics.eval.loss - 0.2, (metrics.eval.loss - 0.2) / 0.2)
     gate = Gate("accuracy", gap.accuracy, 0.05, gap.accuracy <= 0.05)
-    return Evidence(layers=layers, metrics=metrics, gap=gap, gate=gate, **changes)
+    return Evidence(layers=layers, metrics=metrics, gate=gate, **changes)
 
 
 def attribution(all_fixed_share: float) -> AttributionSummary:

@@ -70,7 +70,9 @@ def load_inputs(
 
         module = load_user_module(model_spec, need_data=need_data and data.path is None)
         model, user_data, loss_fn = module.model, module.data, module.loss_fn
-    framework = "keras" if _is_keras(model) else "torch"
+    from ..frameworks.keras_adapter import is_keras_model  # never imports Keras itself
+
+    framework = "keras" if is_keras_model(model) else "torch"
     if framework == "keras":
         from ..frameworks.keras_adapter import import_keras
 
@@ -82,7 +84,7 @@ def load_inputs(
 
             load_keras_weights(model, checkpoint)
         else:
-            model, missing, load_notes = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
+            missing, load_notes = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
             notes += load_notes
     loaded_data = user_data
     if data.path is not None:
@@ -122,18 +124,12 @@ def _read_pickled_model(path: str, unsafe_pickle: bool):
         sys.path.remove(str(Path.cwd()))
 
 
-def _is_keras(model: Any) -> bool:
-    from ..frameworks.keras_adapter import is_keras_model
-
-    return is_keras_model(model)
-
-
 def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
     from .checkpoints import load_checkpoint_into
 
     result = load_checkpoint_into(model, path, unsafe_pickle=unsafe_pickle)
     notes = []
-    if getattr(result, "stripped_prefix", ""):
+    if result.stripped_prefix:
         notes.append(f"checkpoint keys had prefix {result.stripped_prefix!r}, stripped to fit the model")
     running = set(result.missing_running_stats)
     other_missing = [k for k in result.missing if k not in running]
@@ -147,8 +143,7 @@ def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
         notes.append(f"checkpoint lacks {len(running)} running-statistics buffers (first: {sorted(running)[0]})")
     # Old checkpoints lack num_batches_tracked alone; that loses no statistics.
     layers = tuple(sorted({_layer_of(k) for k in running if not k.endswith(".num_batches_tracked")}))
-    model = getattr(result, "model", None) or model
-    return model, layers, notes
+    return layers, notes
 
 
 def _layer_of(key: str) -> str:
