@@ -21,13 +21,14 @@ class Severity(str, enum.Enum):
 class ModeMetrics:
     loss: float | None
     accuracy: float | None
+    num_samples: int | None = None   # samples these metrics were measured on
 
 
 @dataclass(frozen=True)
 class MetricsSet:
     eval: ModeMetrics
-    train: ModeMetrics                       # norm layers in train mode, dropout off
-    train_with_dropout: ModeMetrics | None   # the framework's own training mode, when the model has dropout
+    train: ModeMetrics                       # model.train() with dropout (and stochastic depth) off
+    train_with_dropout: ModeMetrics | None   # model.train() as is, when the model has dropout (may be a subset)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Gap:
     accuracy: float | None       # train-mode minus eval-mode
     loss: float | None           # eval-mode minus train-mode
     relative_loss: float | None  # loss gap / train-mode loss
+    accuracy_ci: tuple[float, float] | None = None       # 95% interval of ``accuracy`` (paired outcomes)
+    relative_loss_ci: tuple[float, float] | None = None  # 95% interval of ``relative_loss`` (per-sample losses)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class LayerReport:
     dropout_var_ratio: float | None  # input variance with dropout on / off, mean over channels
     channels: ChannelStats | None = None
     attribution: Attribution | None = None
+    order: int | None = None         # position in forward order (first call); None when never called
+    batch_stats_in_train: bool = True  # normalises with batch statistics under model.train()
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,9 @@ class DataSummary:
     seed: int
     mean_majority_share: float | None
     num_classes_seen: int | None
+    stopped_early: bool = False          # --quick settled the verdict before the data ran out
+    num_samples_available: int | None = None  # samples the plan held (num_samples when not stopped early)
+    world_size: int = 1                  # processes the data was sharded over
 
 
 @dataclass(frozen=True)
