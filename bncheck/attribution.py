@@ -1,55 +1,49 @@
 """Per-layer attribution: how much of the eval/train gap each layer's statistics cost.
 
-For the most drifted layers, eval mode is re-run on a few cached batches with only
-that layer's running statistics replaced by the true ones, then with those layers
-together, then with every layer. Cost: ``top + 4`` forwards of each of
-``num_batches`` batches (eval and train-mode references, one per layer, the top
-layers together, every layer).
+For the most drifted layers, eval mode is re-run on the plan's first few batches with only
+that layer's running statistics replaced by the true ones, then with those layers together,
+then with every layer. Cost: ``top + 4`` forwards of each of ``num_batches`` batches (eval
+and train-mode references, one per layer, the top layers together, every layer), shared
+between processes like any pass.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
-from .frameworks import ForwardMode, ModelAdapter
-from .tasks import mode_metrics
-from .passes import PassResult, ScoringOptions, run_passes
+from .engine import PassResult, PassSpec, run_pass
+from .frameworks import ForwardMode
+from .outcomes import EVAL, TRAIN, mode_metrics
 from .report import Attribution, AttributionSummary, LayerReport, ModeMetrics
+from .run import Run
 
 
-def attribute_gap(adapter: ModelAdapter, plan, result: PassResult, layer_reports: list[LayerReport], *,
-                  device, scoring: ScoringOptions, top: int, num_batches: int):
-    plan.require_reiterable("--attribute")
-    batches = list(itertools.islice(iter(plan.batches), num_batches))
-    reference = run_passes(adapter, batches, device=device, modes=(ForwardMode.EVAL, ForwardMode.NORM_TRAIN),
-                           collect_stats=False, scoring=scoring)
-    baseline = mode_metrics(reference.metrics[ForwardMode.EVAL])
-    target = mode_metrics(reference.metrics[ForwardMode.NORM_TRAIN])
-    by_name = {layer.name: layer for layer in adapter.norm_layers()}
+def attribute_gap(run: Run, result: PassResult, layer_reports: list[LayerReport], *, top: int, num_batches: int):
+    run.plan.require_reiterable("--attribute")
+    reference = run_pass(run, PassSpec(collect_stats=False, limit=num_batches))
+    baseline = mode_metrics(reference.outcomes, EVAL)
+    target = mode_metrics(reference.outcomes, TRAIN)
     fixable = [l for l in layer_reports if l.drift is not None and l.name in result.layer_stats]
     chosen = [l.name for l in fixable[:top]]
 
     def evaluate_with_true_stats(names) -> Attribution:
-        snapshot = adapter.snapshot()
+        snapshot = run.adapter.snapshot()
         try:
             for name in names:
                 stats = result.layer_stats[name]
-                by_name[name].write_running_stats(stats.mean, stats.var, stats.var_unbiased)
-            outcome = run_passes(adapter, batches, device=device, modes=(ForwardMode.EVAL,),
-                                 collect_stats=False, scoring=scoring)
+                run.layer(name).write_running_stats(stats.mean, stats.var, stats.var_unbiased)
+            outcome = run_pass(run, PassSpec(modes=(ForwardMode.EVAL,), collect_stats=False, limit=num_batches))
         finally:
-            adapter.restore(snapshot)
-        fixed = mode_metrics(outcome.metrics[ForwardMode.EVAL])
+            run.adapter.restore(snapshot)
+        fixed = mode_metrics(outcome.outcomes, EVAL)
         return Attribution(fixed.loss, fixed.accuracy, recovered_share(baseline, target, fixed))
 
     per_layer = {name: evaluate_with_true_stats([name]) for name in chosen}
     top_fixed = evaluate_with_true_stats(chosen)
     all_fixed = evaluate_with_true_stats([l.name for l in fixable])
-    summary = AttributionSummary(tuple(chosen), top_fixed, all_fixed, baseline, target, len(batches),
-                                 num_forwards=(len(chosen) + 4) * len(batches))
+    summary = AttributionSummary(tuple(chosen), top_fixed, all_fixed, baseline, target, reference.num_batches,
+                                 num_forwards=(len(chosen) + 4) * reference.num_batches)
     updated = [replace(l, attribution=per_layer.get(l.name)) for l in layer_reports]
     return summary, updated
-
 
 
 def recovered_share(baseline: ModeMetrics, target: ModeMetrics, fixed: ModeMetrics,

@@ -37,6 +37,22 @@ class BatchPlan:
             raise DataError(f"{why} goes over the data more than once: pass a DataLoader, a Dataset or a list "
                             "of batches, not a one-shot generator")
 
+    def shard(self, rank: int = 0, size: int = 1, *, limit: int | None = None):
+        """``(index, batch)`` for the batches ``index % size == rank`` of the plan (its first ``limit``)."""
+        shard = getattr(self.batches, "shard", None)
+        if shard is not None:
+            yield from shard(rank, size, limit)
+            return
+        for index, batch in enumerate(self.batches):
+            if limit is not None and index >= limit:
+                return
+            if index % size == rank:
+                yield index, batch
+
+    def shard_length(self, rank: int = 0, size: int = 1, limit: int | None = None) -> int | None:
+        total = self.num_batches if limit is None or self.num_batches is None else min(limit, self.num_batches)
+        return None if total is None else len(range(rank, total, size))
+
 
 def _is_map_style(data: Any) -> bool:
     return (
@@ -79,8 +95,9 @@ def plan_batches(
     seed: int = 0,
     max_batches: int | None = None,
     max_samples: int | None = None,
+    pin_memory: bool = False,
 ) -> BatchPlan:
-    """Decide the batches a diagnosis runs on."""
+    """Decide the batches a diagnosis runs on; ``pin_memory`` for copies to a CUDA device."""
     if batch_size is not None and batch_size < 2:
         raise DataError("batch size must be at least 2: train-mode BatchNorm needs 2+ samples per batch")
     if data is None:
@@ -89,7 +106,7 @@ def plan_batches(
     loader = data if isinstance(data, DataLoader) else None
     dataset = loader.dataset if loader is not None else data
     if _is_map_style(dataset) and (loader is None or (loader.batch_size is not None and _default_sampler(loader))):
-        return _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples)
+        return _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples, pin_memory)
     if not hasattr(data, "__iter__"):
         raise DataError(f"data of type {type(data).__name__} is not iterable; return a DataLoader or a Dataset")
     if max_samples is not None:
@@ -101,13 +118,14 @@ def plan_batches(
 
 
 def _default_sampler(loader: DataLoader) -> bool:
-    """A custom sampler picks which samples count (a split, weights): keep the loader's batches then."""
-    from torch.utils.data import RandomSampler, SequentialSampler
+    """A custom sampler picks which samples count (a split, weights): keep the loader's batches then.
+    A DistributedSampler only shards the dataset (with padding): bncheck shards it exactly itself."""
+    from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 
-    return type(loader.sampler) in (RandomSampler, SequentialSampler)
+    return type(loader.sampler) in (RandomSampler, SequentialSampler, DistributedSampler)
 
 
-def _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples) -> BatchPlan:
+def _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples, pin_memory) -> BatchPlan:
     size = len(dataset)
     if size == 0:
         raise DataError("the dataset is empty")
@@ -128,11 +146,14 @@ def _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples
     if size < 2:
         raise DataError("the dataset holds a single sample: train-mode BatchNorm needs 2+ samples per batch")
     num_batches = -(-size // batch_size)
+    if num_batches > 1 and size - (num_batches - 1) * batch_size == 1:
+        num_batches -= 1  # a lone trailing sample cannot be batch-normalised
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
-    kwargs = {}
+    kwargs = {"pin_memory": pin_memory}
     if loader is not None:
-        kwargs = dict(collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+        kwargs = dict(collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory or pin_memory)
     batches = _SeededBatches(dataset, batch_size, seed, num_batches, kwargs)
     return BatchPlan(batches, batch_size, True, num_batches, seed)
 
@@ -147,14 +168,25 @@ class _SeededBatches:
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self):
+    def _chunks(self) -> list[list[int]]:
         size = len(self.dataset)
         order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed)).tolist()
         chunks = [order[i:i + self.batch_size] for i in range(0, size, self.batch_size)][: self.num_batches]
         if len(chunks) > 1 and len(chunks[-1]) == 1:
             chunks = chunks[:-1]
-        loader = DataLoader(self.dataset, batch_sampler=chunks, **self.loader_kwargs)
-        return iter(loader)
+        return chunks
+
+    def __iter__(self):
+        return (batch for _index, batch in self.shard())
+
+    def shard(self, rank: int = 0, size: int = 1, limit: int | None = None):
+        """Only this rank's batches are loaded."""
+        chunks = self._chunks()[:limit]
+        mine = list(range(rank, len(chunks), size))
+        if not mine:
+            return
+        loader = DataLoader(self.dataset, batch_sampler=[chunks[i] for i in mine], **self.loader_kwargs)
+        yield from zip(mine, loader)
 
 
 class _GivenBatches:

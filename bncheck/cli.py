@@ -189,6 +189,50 @@ class _Progress:
         return False
 
 
+def run_options(command):
+    """How the forwards run: precision, memory format, processes."""
+    for decorator in reversed([
+        click.option("--amp", type=click.Choice(["bf16", "fp16"]), help="Run the forwards under autocast; the "
+                     "statistics stay exact (float64 moments of what the layers see)."),
+        click.option("--channels-last", is_flag=True, help="Run 4-D models and inputs in channels-last memory "
+                     "format (restored afterwards)."),
+        click.option("--dist-timeout", type=click.FloatRange(min=1), default=1800.0, show_default=True,
+                     envvar="BNCHECK_DIST_TIMEOUT", help="Seconds a process waits for the others under torchrun."),
+    ]):
+        command = decorator(command)
+    return command
+
+
+def _run_keywords(params: dict) -> dict:
+    """The library's run keywords, from a command's parsed options."""
+    names = ("device", "batch_size", "seed", "max_batches", "amp", "channels_last", "input_key", "target_key",
+             "output_index", "output_key")
+    keywords = {name: params[name] for name in names if name in params}
+    keywords["dist_timeout"] = params.get("dist_timeout", 1800.0)
+    return keywords
+
+
+@contextlib.contextmanager
+def _processes(device: str, timeout: float):
+    """Under torchrun, join the process group (nccl for CUDA, gloo otherwise) and fail together."""
+    from .distributed import World, current_world, init_from_env, launched_by_torchrun, shutdown
+
+    if not launched_by_torchrun():
+        yield World()
+        return
+    import torch
+
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    created = init_from_env(use_cuda, timeout)
+    try:
+        world = current_world(timeout)
+        with world.failing_together():
+            yield world
+            world.exchange(None)  # a failure to write on rank 0 stops every rank
+    finally:
+        shutdown(created)
+
+
 def _load(model_spec, *, need_data, checkpoint, unsafe_pickle, num_classes, data_path=None, image_size=None,
           normalize="auto", layout="auto", input_key=None, target_key=None):
     from .loading.sources import DataOptions, load_inputs
@@ -215,10 +259,15 @@ def main():
 @model_options
 @data_options
 @output_options
+@run_options
 @click.option("--max-samples", type=click.IntRange(min=2), help="Use at most N samples (seeded uniform subset).")
 @click.option("--max-gap", type=click.FloatRange(min=0), envvar="BNCHECK_MAX_GAP",
               help="Largest train-minus-eval accuracy gap that passes, as a fraction [default: 0.05]; "
                    "for tasks without accuracy, the relative loss gap [default: 0.10].")
+@click.option("--quick", is_flag=True, envvar="BNCHECK_QUICK",
+              help="Stop as soon as the gap's interval lies wholly above or below --max-gap.")
+@click.option("--dropout-batches", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Batches model.train() with dropout on runs on (for the dropout note); 0 skips it.")
 @click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
 @click.option("--output-key", help="Which key or attribute of the output holds the predictions.")
 @click.option("--per-channel", is_flag=True, help="JSON: add per-channel true and running statistics.")
@@ -230,32 +279,34 @@ def main():
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the report to FILE (only once complete) instead of stdout.")
 @_fail_on_errors
-def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, image_size, normalize, layout,
-             input_key, target_key, device, batch_size, seed, max_batches, quiet, fmt, all_layers, top,
-             max_samples, max_gap, output_index, output_key, per_channel, attribute, attribute_top,
-             attribute_batches, output_path):
+def diagnose(**params):
     """Compare eval-mode and train-mode BatchNorm on the data and explain the gap.
 
     Example: bncheck diagnose examples/resnet_three_images/model.py
+
+    Under torchrun (torchrun --nproc-per-node=N -m bncheck diagnose ...) every process takes a
+    shard of the data and rank 0 prints the report.
     """
     from .devices import resolve_device
     from .diagnosis import diagnose as run_diagnosis
     from .render import renderer_for
 
+    output_path = params["output_path"]
     _require_output_folder(output_path)
-    resolve_device(device)  # fail before the model is built and trained
-    with _user_code_prints_to_stderr(), _Progress(quiet, "diagnosing") as progress:
-        loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
-                       num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
-                       layout=layout, input_key=input_key, target_key=target_key)
-        report = run_diagnosis(
-            loaded.model, loaded.data, device=device, batch_size=batch_size, seed=seed, max_batches=max_batches,
-            max_samples=max_samples, max_gap=max_gap, loss_fn=loaded.loss_fn, output_index=output_index,
-            output_key=output_key, input_key=input_key, target_key=target_key, attribute=attribute,
-            attribute_top=attribute_top, attribute_batches=attribute_batches,
-            missing_running_stats=loaded.missing_running_stats, notes=loaded.notes, progress=progress)
-    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, per_channel, output_path is not None))
-    _emit(renderer.diagnosis(report), output_path)
+    resolve_device(params["device"])  # fail before the model is built and trained
+    with _processes(params["device"], params["dist_timeout"]) as world:
+        with _user_code_prints_to_stderr(), _Progress(params["quiet"] or not world.is_main, "diagnosing") as progress:
+            loaded = _load_for(params, need_data=True)
+            report = run_diagnosis(
+                loaded.model, loaded.data, max_gap=params["max_gap"], quick=params["quick"],
+                max_samples=params["max_samples"], loss_fn=loaded.loss_fn, attribute=params["attribute"],
+                attribute_top=params["attribute_top"], attribute_batches=params["attribute_batches"],
+                dropout_batches=params["dropout_batches"], missing_running_stats=loaded.missing_running_stats,
+                notes=loaded.notes, progress=progress, world=world, **_run_keywords(params))
+        if world.is_main:
+            options = _render_options(params["all_layers"], params["top"], params["per_channel"],
+                                      output_path is not None)
+            _emit(renderer_for(OutputFormat(params["fmt"]))(options).diagnosis(report), output_path)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
 
 
@@ -287,58 +338,87 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
 @main.command()
 @model_options
 @data_options
+@run_options
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help="New checkpoint: a state_dict (.pt), or a .keras file for Keras models.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--num-samples", type=click.IntRange(min=2), help="Recompute from at most N samples.")
-@click.option("--include-frozen", is_flag=True, help="Also recompute layers whose parameters are frozen.")
+@click.option("--include-frozen", is_flag=True, help="Also recompute the layers that use their running statistics "
+              "under model.train() (kept in eval by an overridden train(), FrozenBatchNorm).")
+@click.option("--layers", "layer_patterns", help="Recompute exactly the norm layers matching these comma-separated "
+              "glob patterns of layer names (e.g. 'backbone.*').")
+@click.option("--no-eval", is_flag=True, help="Only the statistics pass: no eval metrics before and after.")
 @click.option("--val-data", type=click.Path(), help="Also report eval metrics before/after on this data.")
 @click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
 @click.option("--output-key", help="Which key or attribute of the output holds the predictions.")
 @click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default="terminal",
               show_default=True, envvar="BNCHECK_FORMAT", help="Summary format (stdout).")
 @_fail_on_errors
-def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, image_size, normalize, layout,
-                input_key, target_key, device, batch_size, seed, max_batches, quiet, output_path, force,
-                num_samples, include_frozen, val_data, output_index, output_key, fmt):
+def recalibrate(**params):
     """Recompute exact running statistics from data and write a new checkpoint.
+
+    By default exactly the norm layers that normalise with batch statistics under
+    model.train() are recomputed; the others keep the statistics training used.
 
     Example: bncheck recalibrate model.py -o fixed.pt
     """
     from .devices import resolve_device
-    from .errors import OutputExistsError
-    from .recalibration import recalibrate as run_recalibration, save_recalibrated
-    from .render import renderer_for
 
-    target = Path(output_path)
+    target = Path(params["output_path"])
+    _check_output_checkpoint(target, params)
+    resolve_device(params["device"])  # fail before the model is built and trained
+    with _processes(params["device"], params["dist_timeout"]) as world:
+        with _user_code_prints_to_stderr(), _Progress(params["quiet"] or not world.is_main, "recalibrating") \
+                as progress:
+            loaded = _load_for(params, need_data=True)
+            _check_checkpoint_suffix(target, loaded.framework)
+            saved = _recalibrate_and_save(loaded, params, target, world, progress)
+        if world.is_main:
+            from .render import renderer_for
+
+            renderer = renderer_for(OutputFormat(params["fmt"]))(RenderOptions(color=sys.stdout.isatty()))
+            _emit(renderer.recalibration(saved), None)
+
+
+def _check_output_checkpoint(target: Path, params: dict) -> None:
+    from .errors import OutputExistsError
+
+    checkpoint = params["checkpoint"]
     # Checked first: --force, which the next message suggests, would not help here.
     if checkpoint is not None and Path(checkpoint).resolve() == target.resolve():
         raise OutputExistsError("-o must differ from --checkpoint: the original checkpoint is never overwritten")
-    if target.exists() and not force:
+    if target.exists() and not params["force"]:
         raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
-    _require_output_folder(output_path)
-    resolve_device(device)  # fail before the model is built and trained
-    with _user_code_prints_to_stderr(), _Progress(quiet, "recalibrating") as progress:
-        loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
-                       num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
-                       layout=layout, input_key=input_key, target_key=target_key)
-        _check_checkpoint_suffix(target, loaded.framework)
-        validation = None
-        if val_data is not None:
-            from .loading.data_sources import load_data_path
+    _require_output_folder(str(target))
 
-            validation = load_data_path(val_data, image_size=image_size, normalize=normalize, layout=layout,
-                                        input_key=input_key, target_key=target_key,
-                                        channels_last=loaded.framework == "keras")
-        result, fixed_model = run_recalibration(
-            loaded.model, loaded.data, inplace=True, device=device, batch_size=batch_size, seed=seed,
-            max_batches=max_batches, num_samples=num_samples, include_frozen=include_frozen,
-            val_data=validation, loss_fn=loaded.loss_fn, output_index=output_index, output_key=output_key,
-            input_key=input_key, target_key=target_key,
-            progress=progress, return_model=True)
-        saved = save_recalibrated(fixed_model, target, result)
-    renderer = renderer_for(OutputFormat(fmt))(RenderOptions(color=sys.stdout.isatty()))
-    _emit(renderer.recalibration(saved), None)
+
+def _recalibrate_and_save(loaded, params: dict, target: Path, world, progress):
+    from .recalibration import recalibrate as run_recalibration, save_recalibrated
+
+    validation = None
+    if params["val_data"] is not None and not params["no_eval"]:
+        from .loading.data_sources import load_data_path
+
+        validation = load_data_path(params["val_data"], image_size=params["image_size"],
+                                    normalize=params["normalize"], layout=params["layout"],
+                                    input_key=params["input_key"], target_key=params["target_key"],
+                                    channels_last=loaded.framework == "keras")
+    result, fixed_model = run_recalibration(
+        loaded.model, loaded.data, inplace=True, num_samples=params["num_samples"],
+        include_frozen=params["include_frozen"], layers=params["layer_patterns"], evaluate=not params["no_eval"],
+        val_data=validation, loss_fn=loaded.loss_fn, progress=progress, return_model=True, world=world,
+        **_run_keywords(params))
+    if not world.is_main:
+        return result
+    return save_recalibrated(fixed_model, target, result)
+
+
+def _load_for(params: dict, *, need_data: bool):
+    return _load(params["model_spec"], need_data=need_data, checkpoint=params["checkpoint"],
+                 unsafe_pickle=params["unsafe_pickle"], num_classes=params["num_classes"],
+                 data_path=params.get("data_path"), image_size=params.get("image_size"),
+                 normalize=params.get("normalize", "auto"), layout=params.get("layout", "auto"),
+                 input_key=params.get("input_key"), target_key=params.get("target_key"))
 
 
 if __name__ == "__main__":

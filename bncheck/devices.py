@@ -15,12 +15,16 @@ def validate_device_text(text: str) -> str:
     return text
 
 
-def resolve_device(text: str = "auto"):
+def resolve_device(text: str = "auto", *, local_rank: int | None = None):
+    """``auto`` picks CUDA when available; in a multi-process run a bare ``cuda`` means this
+    process's GPU, ``cuda:LOCAL_RANK``."""
     import torch
 
     validate_device_text(text)
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cuda" and local_rank is not None:
+        text = f"cuda:{local_rank}"
     device = torch.device(text)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -1,166 +1,202 @@
 """``bncheck.diagnose``: measure the train/eval BatchNorm discrepancy of a model on data."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 from typing import Any, Callable
 
-from .batches import plan_batches
-from .devices import resolve_device
-from .errors import InputError, NoNormLayersError
+from .distributed import World, current_world
+from .engine import TRAIN_ON_DROPOUT_BATCHES, WITH_DROPOUT, PassResult, PassSpec, run_pass
+from .errors import InputError
 from .findings import Evidence, find_causes
-from .frameworks import ForwardMode, adapter_for
+from .frameworks import ForwardMode
+from .gating import DEFAULT_MAX_GAP, DEFAULT_MAX_RELATIVE_LOSS_GAP, StopRule, gap_of, gate_of  # noqa: F401
 from .layer_report import drift_sort_key, measure_layer
-from .passes import PassResult, ScoringOptions, run_passes
-from .report import DataSummary, Gap, Gate, MetricsSet, Report, Verdict
-from .tasks import Task, mode_metrics
+from .outcomes import EVAL, TRAIN, mode_metrics
+from .report import DataSummary, Gate, LayerReport, MetricsSet, Report, Verdict
+from .run import Run, RunOptions, resolve_run
 
-DEFAULT_MAX_GAP = 0.05           # accuracy points (as a fraction) or train/eval prediction disagreement
-DEFAULT_MAX_RELATIVE_LOSS_GAP = 0.10  # for tasks without accuracy: (eval loss - train loss) / train loss
+DEFAULT_DROPOUT_BATCHES = 2   # batches the training mode with dropout on runs on (it feeds the dropout note)
 
 
 def diagnose(
     model: Any,
     data: Any,
     *,
-    device: str = "auto",
-    batch_size: int | None = None,
-    seed: int = 0,
-    max_batches: int | None = None,
-    max_samples: int | None = None,
     max_gap: float | None = None,
-    loss_fn: Callable | None = None,
-    output_index: int | None = None,
-    output_key: str | None = None,
-    input_key: str | None = None,
-    target_key: str | None = None,
+    quick: bool = False,
     attribute: bool = False,
     attribute_top: int = 3,
     attribute_batches: int = 8,
+    dropout_batches: int = DEFAULT_DROPOUT_BATCHES,
     missing_running_stats: tuple[str, ...] = (),
     notes: tuple[str, ...] = (),
     progress: Callable[[int, int | None], None] | None = None,
+    world: World | None = None,
+    **run_options: Any,
 ) -> Report:
     """Compare eval-mode and train-mode BatchNorm on ``data`` and explain any gap.
 
-    The model is never modified: every buffer, momentum and mode flag is restored.
-    ``max_gap`` is the largest accuracy gap (train-mode minus eval-mode) that passes;
-    for tasks without accuracy it is the relative loss gap (default 0.10).
+    Train mode is the model's own ``model.train()`` with dropout and stochastic depth off. The
+    model is never modified: every buffer, momentum and mode flag is restored. ``max_gap`` is the
+    largest train-minus-eval accuracy gap that passes; for tasks without accuracy it is the
+    relative loss gap (default 0.10). ``quick`` stops as soon as the gap's interval settles the
+    verdict. Inside an initialised torch.distributed process group every process takes a shard of
+    the data and all of them return the same report. Other keywords (``device``, ``batch_size``,
+    ``seed``, ``max_batches``, ``max_samples``, ``amp``, ``channels_last``, ``loss_fn``,
+    ``output_key``, ...) are :class:`~bncheck.run.RunOptions` and
+    :class:`~bncheck.run.ScoringOptions`.
     """
-    if max_gap is not None and max_gap < 0:
-        raise InputError("max_gap must be >= 0")
-    for name, value in (("max_batches", max_batches), ("attribute_batches", attribute_batches),
-                        ("attribute_top", attribute_top)):
-        if value is not None and value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
-    adapter = adapter_for(model)
-    layers = adapter.norm_layers()
-    require_running_stats(adapter, layers)
-    torch_device = resolve_device(device)
-    plan = plan_batches(data, batch_size=batch_size, seed=seed, max_batches=max_batches, max_samples=max_samples)
-    modes = (ForwardMode.EVAL, ForwardMode.NORM_TRAIN)
-    if adapter.has_dropout():
-        modes += (ForwardMode.FULL_TRAIN,)
-    scoring = ScoringOptions(loss_fn, output_index, output_key, input_key, target_key)
-    initial_training = {layer.name: layer.is_training for layer in layers}
-    result = run_passes(adapter, plan.batches, device=torch_device, modes=modes, scoring=scoring,
-                        progress=progress, total_batches=plan.num_batches)
-    forwards = result.num_batches
-    layer_reports = sorted(
-        (measure_layer(layer, result.layer_stats.get(layer.name), forwards=forwards,
-                       dropout_stats=result.dropout_layer_stats.get(layer.name),
-                       initial_training=initial_training[layer.name]) for layer in layers),
-        key=drift_sort_key,
-    )
-    metrics = _metrics_set(result)
-    gap = _gap(metrics)
-    gate = _gate(result, gap, max_gap)
-    attribution = None
-    if attribute:
-        from .attribution import attribute_gap
+    _check_arguments(max_gap, attribute_top, attribute_batches, dropout_batches)
+    options = RunOptions.from_keywords(run_options)
+    world = world or (current_world(options.dist_timeout) if options.distributed else World())
+    with world.failing_together():
+        run = resolve_run(model, data, options, world=world)
+        with rank_zero_statistics(run) as rank_spread:
+            result = run_pass(run, _pass_spec(run, max_gap, quick, dropout_batches), progress)
+            layers = _layer_reports(run, result)
+            metrics = _metrics(result)
+            gate = _gate(result, max_gap)
+            attribution = None
+            if attribute:
+                from .attribution import attribute_gap
 
-        attribution, layer_reports = attribute_gap(
-            adapter, plan, result, layer_reports, device=torch_device, scoring=scoring,
-            top=attribute_top, num_batches=attribute_batches)
-    evidence = Evidence(
-        layers=tuple(layer_reports), metrics=metrics, gate=gate, reshuffled=plan.reshuffled,
-        mean_majority_share=result.mean_majority_share, num_classes_seen=result.num_classes_seen,
-        attribution=attribution, missing_running_stats=missing_running_stats, framework=adapter.framework)
+                attribution, layers = attribute_gap(run, result, layers, top=attribute_top,
+                                                    num_batches=attribute_batches)
+        evidence = Evidence(
+            layers=tuple(layers), metrics=metrics, gate=gate, reshuffled=run.plan.reshuffled,
+            mean_majority_share=_majority(result), num_classes_seen=_classes(result),
+            attribution=attribution, missing_running_stats=missing_running_stats, framework=run.framework,
+            rank_spread=rank_spread)
+        return _report(run, result, layers, metrics, gate, evidence, attribution, notes)
+
+
+def _check_arguments(max_gap, attribute_top, attribute_batches, dropout_batches) -> None:
+    if max_gap is not None and not (isinstance(max_gap, (int, float)) and math.isfinite(max_gap) and max_gap >= 0):
+        raise InputError(f"max_gap must be a number >= 0, got {max_gap!r}")
+    for name, value, least in (("attribute_batches", attribute_batches, 1), ("attribute_top", attribute_top, 1),
+                               ("dropout_batches", dropout_batches, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+
+def _pass_spec(run: Run, max_gap, quick: bool, dropout_batches: int) -> PassSpec:
+    modes = (ForwardMode.EVAL, ForwardMode.NORM_TRAIN)
+    if run.adapter.has_dropout() and dropout_batches:
+        modes += (ForwardMode.FULL_TRAIN,)
+    return PassSpec(modes, dropout_batches=dropout_batches, stop=StopRule(max_gap) if quick else None)
+
+
+def _layer_reports(run: Run, result: PassResult) -> list[LayerReport]:
+    initial = {layer.name: layer.is_training for layer in run.layers}
+    reports = (measure_layer(layer, result.layer_stats.get(layer.name), forwards=result.num_batches,
+                             dropout_stats=result.dropout_layer_stats.get(layer.name),
+                             dropout_base=result.dropout_base_stats.get(layer.name),
+                             initial_training=initial[layer.name], order=result.order.get(layer.name))
+               for layer in run.layers)
+    return sorted(reports, key=drift_sort_key)
+
+
+def _metrics(result: PassResult) -> MetricsSet:
+    return MetricsSet(eval=mode_metrics(result.outcomes, EVAL), train=mode_metrics(result.outcomes, TRAIN),
+                      train_with_dropout=mode_metrics(result.outcomes, WITH_DROPOUT))
+
+
+def _gate(result: PassResult, max_gap: float | None) -> Gate:
+    gate = gate_of(result.task, result.outcomes, max_gap)
+    if result.outcomes.nonfinite_eval_batches:
+        gate = dataclasses.replace(gate, passed=False)  # NaN eval-mode predictions are no pass
+    return gate
+
+
+def _majority(result: PassResult) -> float | None:
+    batches = result.outcomes.get("labels.batches")
+    return result.outcomes.get("labels.share") / batches if batches else None
+
+
+def _classes(result: PassResult) -> int | None:
+    return len(result.outcomes.classes_seen) if result.outcomes.get("labels.batches") else None
+
+
+def _report(run, result, layers, metrics, gate, evidence, attribution, notes) -> Report:
+    plan = run.plan
+    available = plan.num_batches and min(plan.num_batches * (plan.batch_size or 0), _plan_samples(plan))
+    data = DataSummary(result.num_samples, result.num_batches,
+                       None if plan.batch_size is None else min(plan.batch_size, result.num_samples),
+                       plan.reshuffled, plan.seed, _majority(result), _classes(result),
+                       stopped_early=result.stopped_early, num_samples_available=available or None,
+                       world_size=run.world.size)
     return Report(
-        verdict=Verdict.PASS if gate.passed else Verdict.FAIL,
-        task=result.task.value,
-        framework=adapter.framework,
-        device=str(adapter.device_used(torch_device)),
-        metrics=metrics,
-        gap=gap,
-        gate=gate,
-        agreement=result.agreement,
-        output_divergence=result.output_divergence,
-        layers=tuple(layer_reports),
-        findings=find_causes(evidence),
-        data=DataSummary(result.num_samples, result.num_batches,
-                         None if plan.batch_size is None else min(plan.batch_size, result.num_samples),
-                         plan.reshuffled, seed,
-                         result.mean_majority_share, result.num_classes_seen),
-        attribution=attribution,
-        notes=tuple(notes) + _dropout_note(metrics) + _nonfinite_note(result),
-    )
+        verdict=Verdict.PASS if gate.passed else Verdict.FAIL, task=result.task.value, framework=run.framework,
+        device=str(run.adapter.device_used(run.device)), metrics=metrics, gap=gap_of(metrics, result.outcomes),
+        gate=gate, agreement=_ratio(result, "agree.a", "agree.n"), output_divergence=_ratio(result, "diverge", "agree.n"),
+        layers=tuple(layers), findings=find_causes(evidence), data=data, attribution=attribution,
+        notes=tuple(notes) + _dropout_note(result) + _nonfinite_note(result))
+
+
+def _plan_samples(plan) -> int:
+    dataset = getattr(plan.batches, "dataset", None)
+    return len(dataset) if dataset is not None else 0
+
+
+def _ratio(result: PassResult, numerator: str, denominator: str) -> float | None:
+    n = result.outcomes.get(denominator)
+    return result.outcomes.get(numerator) / n if n else None
 
 
 def _nonfinite_note(result: PassResult) -> tuple[str, ...]:
-    if not result.nonfinite_eval_batches:
+    bad = result.outcomes.nonfinite_eval_batches
+    if not bad:
         return ()
-    return (f"eval-mode outputs held NaN or inf in {result.nonfinite_eval_batches} of {result.num_batches} "
-            "batches (train-mode outputs were finite)",)
+    return (f"eval-mode outputs held NaN or inf in {bad} of {result.num_batches} batches (train-mode outputs were "
+            "finite): the verdict is FAIL",)
 
 
-def _dropout_note(metrics: MetricsSet) -> tuple[str, ...]:
-    """Say so when model.train() scores worse than train-mode BN alone: that part is dropout's."""
-    with_dropout, train = metrics.train_with_dropout, metrics.train
-    if with_dropout is None or with_dropout.loss is None or train.loss is None:
+def _dropout_note(result: PassResult) -> tuple[str, ...]:
+    """Say so when model.train() scores worse than with dropout off: that part is dropout's."""
+    with_dropout = mode_metrics(result.outcomes, WITH_DROPOUT)
+    train = mode_metrics(result.outcomes, TRAIN_ON_DROPOUT_BATCHES)
+    if with_dropout is None or train is None or with_dropout.loss is None or train.loss is None:
         return ()
     if with_dropout.loss <= train.loss * 1.05:
         return ()
-    return (f"model.train() loss {with_dropout.loss:.4g} vs {train.loss:.4g} with dropout off: dropout accounts "
-            "for that difference, not BatchNorm",)
+    return (f"model.train() loss {with_dropout.loss:.4g} vs {train.loss:.4g} with dropout off (on the same "
+            f"{with_dropout.num_samples} samples): dropout accounts for that difference, not BatchNorm",)
 
 
-def require_running_stats(adapter, layers) -> None:
-    uninitialized = getattr(adapter, "uninitialized_layers", lambda: [])()
-    if uninitialized:
-        raise InputError(f"lazy norm layer {uninitialized[0]} is not initialised yet; "
-                         "run one forward pass or load a checkpoint before diagnosing")
-    if not layers:
-        raise NoNormLayersError("the model has no BatchNorm/InstanceNorm layers with running statistics: "
-                                "nothing for bncheck to check")
-    if not any(layer.tracks_running_stats for layer in layers):
-        raise NoNormLayersError(
-            f"none of the model's {len(layers)} norm layers keeps running statistics "
-            "(track_running_stats=False): eval mode already uses batch statistics, so there is nothing to compare")
+@contextlib.contextmanager
+def rank_zero_statistics(run: Run):
+    """Across processes, diagnose the running statistics of rank 0 (the model a checkpoint saves):
+    yields how far each layer's statistics differ between the ranks, in rank 0's standard deviations."""
+    if run.world.size < 2:
+        yield {}
+        return
+    mine = [(layer.running_mean(), layer.running_var()) for layer in run.layers]
+    ranks = run.world.exchange(mine)
+    spread = {layer.name: _spread(layer, [r[i] for r in ranks]) for i, layer in enumerate(run.layers)}
+    spread = {name: value for name, value in spread.items() if value > 1e-6}
+    snapshot = run.adapter.snapshot()
+    try:
+        for i, layer in enumerate(run.layers):
+            mean, var = ranks[0][i]
+            if layer.name in spread and mean is not None and var is not None:
+                layer.write_running_stats(mean, var, var)
+        yield spread
+    finally:
+        run.adapter.restore(snapshot)
 
 
-def _metrics_set(result: PassResult) -> MetricsSet:
-    return MetricsSet(
-        eval=mode_metrics(result.metrics[ForwardMode.EVAL]),
-        train=mode_metrics(result.metrics[ForwardMode.NORM_TRAIN]),
-        train_with_dropout=mode_metrics(result.metrics.get(ForwardMode.FULL_TRAIN)),
-    )
+def _spread(layer, values) -> float:
+    import torch
 
-
-def _gap(metrics: MetricsSet) -> Gap:
-    ev, tr = metrics.eval, metrics.train
-    accuracy = tr.accuracy - ev.accuracy if tr.accuracy is not None and ev.accuracy is not None else None
-    loss = ev.loss - tr.loss if ev.loss is not None and tr.loss is not None else None
-    relative = loss / max(abs(tr.loss), 1e-12) if loss is not None else None
-    return Gap(accuracy, loss, relative)
-
-
-def _gate(result: PassResult, gap: Gap, max_gap: float | None) -> Gate:
-    if result.task is Task.LABEL_FREE:
-        threshold = DEFAULT_MAX_GAP if max_gap is None else max_gap
-        value = 1.0 - (result.agreement if result.agreement is not None else 1.0)
-        return Gate("disagreement", value, threshold, value <= threshold)
-    if gap.accuracy is not None:
-        threshold = DEFAULT_MAX_GAP if max_gap is None else max_gap
-        return Gate("accuracy", gap.accuracy, threshold, gap.accuracy <= threshold)
-    threshold = DEFAULT_MAX_RELATIVE_LOSS_GAP if max_gap is None else max_gap
-    value = gap.relative_loss if gap.relative_loss is not None else 0.0
-    return Gate("relative_loss", value, threshold, value <= threshold)
+    base_mean, base_var = values[0]
+    if base_var is None:
+        return 0.0
+    std = torch.sqrt(base_var.clamp_min(0) + layer.eps)
+    worst = 0.0
+    for mean, var in values[1:]:
+        shift = 0.0 if mean is None or base_mean is None else float(((mean - base_mean).abs() / std).max())
+        ratio = float(((var + layer.eps) / (base_var + layer.eps)).log().abs().max())
+        worst = max(worst, shift, ratio)
+    return worst

@@ -51,3 +51,11 @@ def summarize(error: BaseException, limit: int = 300) -> str:
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return text or type(error).__name__
+
+
+class DistributedError(InputError):
+    """The processes of a torch.distributed run could not work together (timeout, a lost process)."""
+
+
+class RankFailedError(DistributedError):
+    """Another process of the run failed; its message is carried here."""

@@ -6,7 +6,7 @@ constants, documented in the README's findings table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .report import AttributionSummary, Finding, Gate, LayerReport, MetricsSet, Severity
@@ -38,6 +38,7 @@ class Evidence:
     attribution: AttributionSummary | None = None
     missing_running_stats: tuple[str, ...] = ()
     framework: str = "torch"
+    rank_spread: dict[str, float] = field(default_factory=dict)  # per layer, across processes
 
     @property
     def has_data(self) -> bool:
@@ -209,7 +210,7 @@ def dominated_by_recent(ev: Evidence) -> list[Finding]:
 
 
 def frozen_in_train_mode(ev: Evidence) -> list[Finding]:
-    candidates = [l for l in ev.layers if l.tracks_running_stats and l.params_frozen and l.training]
+    candidates = [l for l in ev.layers if l.tracks_running_stats and l.params_frozen and l.batch_stats_in_train]
     if ev.has_data:
         candidates = [l for l in candidates if _drifted(l)]
     if not candidates:
@@ -330,6 +331,21 @@ def reused(ev: Evidence) -> list[Finding]:
                     "Give each call site its own norm layer (e.g. self.bn1, self.bn2 instead of calling self.bn twice).")]
 
 
+def ranks_differ(ev: Evidence) -> list[Finding]:
+    if not ev.rank_spread:
+        return []
+    names = tuple(sorted(ev.rank_spread, key=ev.rank_spread.get, reverse=True))
+    worst = names[0]
+    return [Finding("rank-stats-differ", Severity.WARNING, names,
+                    {"layers": len(names), "worst_layer": worst, "worst_spread": _round(ev.rank_spread[worst])},
+                    f"The processes hold different running statistics in {len(names)} norm layers (worst: {worst}, "
+                    f"{ev.rank_spread[worst]:.3g} standard deviations apart): each process kept its own batches' "
+                    "averages, and this diagnosis used rank 0's, which is what a checkpoint saved by rank 0 holds.",
+                    "Synchronise the statistics: DistributedDataParallel(model, broadcast_buffers=True), or "
+                    "nn.SyncBatchNorm.convert_sync_batchnorm(model), or recompute them before saving: "
+                    "`torchrun --nproc-per-node=N -m bncheck recalibrate MODEL -o fixed.pt`.")]
+
+
 def find_causes(ev: Evidence) -> tuple[Finding, ...]:
     findings = corrupt(ev)
     explained = {name for f in findings for name in f.layers}
@@ -343,7 +359,7 @@ def find_causes(ev: Evidence) -> tuple[Finding, ...]:
         explained |= {name for f in group for name in f.layers}
     findings += frozen + recent + mismatch(ev, explained)
     rules: list[Callable[[Evidence], list[Finding]]] = [small_batches, label_sorted, dropout_shift,
-                                                        batch_dependent, reused]
+                                                        batch_dependent, reused, ranks_differ]
     for rule in rules:
         findings += rule(ev)
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .diagnosis import require_running_stats
+from .run import require_running_stats
 from .findings import Evidence, find_causes
 from .frameworks import adapter_for
 from .layer_report import measure_layer

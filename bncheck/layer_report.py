@@ -11,13 +11,14 @@ from .stats import LayerInputStats, drift_metrics, ema_initial_weight
 
 
 def _stats_at_init(mean: torch.Tensor | None, var: torch.Tensor | None) -> bool:
-    return mean is not None and var is not None and bool((mean == 0).all() and (var == 1).all())
+    return var is not None and bool((var == 1).all()) and (mean is None or bool((mean == 0).all()))
 
 
 def _stats_corrupt(mean: torch.Tensor | None, var: torch.Tensor | None) -> bool:
-    if mean is None or var is None:
+    if var is None:
         return False
-    return not bool(torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all())
+    finite = bool(torch.isfinite(var).all() and (var >= 0).all())
+    return not (finite and (mean is None or bool(torch.isfinite(mean).all())))
 
 
 def measure_layer(
@@ -26,32 +27,37 @@ def measure_layer(
     *,
     forwards: int,
     dropout_stats: LayerInputStats | None = None,
+    dropout_base: LayerInputStats | None = None,
     initial_training: bool = False,
+    order: int | None = None,
 ) -> LayerReport:
     running_mean, running_var = layer.running_mean(), layer.running_var()
     nbt = layer.num_batches_tracked()
     shift = ratio = drift = None
     channels = None
     spread = None
-    if stats is not None and running_mean is not None and running_var is not None \
-            and running_mean.shape == stats.mean.shape:
+    if stats is not None and running_var is not None and running_var.shape == stats.mean.shape:
         # Compare with what exact statistics would store in this layer's convention: PyTorch keeps
         # unbiased variances (InstanceNorm: the mean of per-instance ones), Keras the biased one.
+        # A layer that keeps only a running variance (EvoNorm) is compared on its variance alone.
         target_var = stats.var_unbiased if layer.stores_unbiased_variance else stats.var
-        metrics = drift_metrics(stats.mean, target_var, running_mean, running_var, layer.eps)
+        compared_mean = stats.mean if running_mean is None else running_mean
+        metrics = drift_metrics(stats.mean, target_var, compared_mean, running_var, layer.eps)
         shift, ratio, drift = metrics.mean_shift, metrics.var_ratio, metrics.drift
-        channels = ChannelStats(
-            true_mean=tuple(stats.mean.tolist()),
-            true_var=tuple(stats.var.tolist()),
-            true_var_unbiased=tuple(stats.var_unbiased.tolist()),
-            running_mean=tuple(running_mean.tolist()),
-            running_var=tuple(running_var.tolist()),
-        )
+        if running_mean is not None:
+            channels = ChannelStats(
+                true_mean=tuple(stats.mean.tolist()),
+                true_var=tuple(stats.var.tolist()),
+                true_var_unbiased=tuple(stats.var_unbiased.tolist()),
+                running_mean=tuple(running_mean.tolist()),
+                running_var=tuple(running_var.tolist()),
+            )
     if stats is not None and not layer.per_instance:
         spread = _mean(torch.sqrt(stats.batch_mean_dispersion / (stats.var + layer.eps)))
     dropout_ratio = None
-    if dropout_stats is not None and stats is not None:
-        dropout_ratio = _mean((dropout_stats.var + layer.eps) / (stats.var + layer.eps))
+    base = dropout_base if dropout_base is not None else stats  # dropout off on the same batches
+    if dropout_stats is not None and base is not None:
+        dropout_ratio = _mean((dropout_stats.var + layer.eps) / (base.var + layer.eps))
     if layer.framework == "keras":
         initial_weight = None if nbt is None else (layer.momentum or 0.0) ** nbt
     else:
@@ -83,6 +89,8 @@ def measure_layer(
         batch_mean_spread=spread,
         dropout_var_ratio=dropout_ratio,
         channels=channels,
+        order=order,
+        batch_stats_in_train=layer.batch_stats_in_train,
     )
 
 

@@ -4,27 +4,33 @@ Differences from ``torch.optim.swa_utils.update_bn`` and fvcore's PreciseBN:
 
 * statistics are exact population moments over every sample, accumulated in
   float64 and weighted by sample count (``update_bn`` weights batches equally);
-* only norm layers run in train mode, so Dropout stays off while statistics are
-  collected (``update_bn`` calls ``model.train()``);
+* the statistics pass is the model's own training mode with dropout off
+  (``update_bn`` calls ``model.train()`` and leaves dropout on);
+* by default exactly the norm layers that normalise with batch statistics under
+  ``model.train()`` are recomputed: layers an overridden ``train()`` keeps in eval, and
+  FrozenBatchNorm, keep the statistics training used (``update_bn`` resets every
+  BatchNorm, and leaves those at 0/1);
 * the stored variance follows the layer's convention: PyTorch keeps the unbiased
-  ``M2 / (n - 1)``, Keras the biased ``M2 / n``;
-* layers whose parameters the user froze keep their statistics unless asked.
+  ``M2 / (n - 1)``, Keras the biased ``M2 / n``.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .batches import plan_batches
-from .devices import resolve_device
-from .diagnosis import require_running_stats
+from .distributed import World, current_world
+from .engine import PassSpec, run_pass
 from .errors import InputError
-from .frameworks import ForwardMode, adapter_for
-from .tasks import mode_metrics
-from .passes import ScoringOptions, run_passes
+from .frameworks import ForwardMode, NormLayer, adapter_for
+from .outcomes import EVAL, mode_metrics
 from .report import ModeMetrics
+from .run import Run, RunOptions, require_running_stats, resolve_run
+
+KEPT_EVAL_IN_TRAIN = "normalises with its running statistics under model.train(), so training used them"
+KEPT_NOT_SELECTED = "not matched by --layers"
 
 
 @dataclass(frozen=True)
@@ -35,83 +41,112 @@ class EvalComparison:
 
 
 @dataclass(frozen=True)
+class KeptLayer:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class RecalibrationResult:
     layers_updated: int
     updated_layers: tuple[str, ...]
-    skipped_frozen: tuple[str, ...]
+    kept_layers: tuple[KeptLayer, ...]
     num_samples: int
     num_batches: int
     evaluations: tuple[EvalComparison, ...]
     output_path: str | None = None
 
 
-def recalibrate(
-    model: Any,
-    data: Any,
-    *,
-    inplace: bool = False,
-    device: str = "auto",
-    batch_size: int | None = None,
-    seed: int = 0,
-    max_batches: int | None = None,
-    num_samples: int | None = None,
-    include_frozen: bool = False,
-    val_data: Any = None,
-    loss_fn: Callable | None = None,
-    output_index: int | None = None,
-    output_key: str | None = None,
-    input_key: str | None = None,
-    target_key: str | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
-    return_model: bool = False,
-):
-    """Recompute running statistics of every norm layer from ``data``.
+def recalibrate(model: Any, data: Any, *, inplace: bool = False, include_frozen: bool = False,
+                layers: str | None = None, val_data: Any = None, evaluate: bool = True,
+                num_samples: int | None = None, progress: Callable[[int, int | None], None] | None = None,
+                return_model: bool = False, world: World | None = None, **run_options: Any):
+    """Recompute the running statistics of the norm layers that normalise with batch statistics
+    under ``model.train()``, from ``data``.
 
-    Returns a :class:`RecalibrationResult` (and the recalibrated model when
-    ``return_model``). The caller's model is changed only with ``inplace=True``;
+    ``include_frozen`` also recomputes the layers kept in eval in training (and FrozenBatchNorm);
+    ``layers`` (comma-separated glob patterns of layer names) recomputes exactly the matching ones.
+    ``evaluate`` adds eval metrics before and after (on ``data``, and on ``val_data`` when given).
+    Returns a :class:`RecalibrationResult` (and the recalibrated model when ``return_model``). The
+    caller's model is changed only with ``inplace=True``, and then entirely or not at all;
     otherwise a copy is recalibrated.
     """
-    source = adapter_for(model)
-    require_running_stats(source, source.norm_layers())
-    target_model = model if inplace else source.clone_model()
-    adapter = adapter_for(target_model)
-    layers = [layer for layer in adapter.norm_layers() if layer.tracks_running_stats]
-    skipped = tuple(l.name for l in layers if l.params_frozen and not include_frozen)
-    chosen = [l for l in layers if l.name not in skipped]
-    if not chosen:
-        raise InputError(f"all {len(layers)} norm layers with running statistics have frozen parameters and are "
-                         "kept as they are; pass --include-frozen (include_frozen=True) to recompute them")
-    torch_device = resolve_device(device)
-    scoring = ScoringOptions(loss_fn=loss_fn, output_index=output_index, output_key=output_key,
-                             input_key=input_key, target_key=target_key)
-    plan = plan_batches(data, batch_size=batch_size, seed=seed, max_batches=max_batches, max_samples=num_samples)
-    plan.require_reiterable("recalibrate (statistics, then eval metrics before and after)")
+    if num_samples is not None:
+        run_options["max_samples"] = num_samples
+    options = RunOptions.from_keywords(run_options)
+    world = world or (current_world(options.dist_timeout) if options.distributed else World())
+    with world.failing_together():
+        source = adapter_for(model)
+        require_running_stats(source, source.norm_layers())
+        target = model if inplace else source.clone_model()
+        run = resolve_run(target, data, options, world=world)
+        chosen, kept = choose_layers(run.layers, include_frozen=include_frozen, patterns=layers)
+        if evaluate:
+            run.plan.require_reiterable("recalibrate (statistics, then eval metrics before and after)")
+        snapshot = run.adapter.snapshot()
+        try:
+            result = _recalibrate(run, chosen, kept, val_data, evaluate, progress)
+        except BaseException:
+            run.adapter.restore(snapshot)  # all or nothing for the caller's model
+            raise
+    return (result, target) if return_model else result
+
+
+def choose_layers(layers, *, include_frozen: bool = False, patterns: str | None = None):
+    """The layers to recompute, and the ones kept with why."""
+    tracked = [layer for layer in layers if layer.tracks_running_stats]
+    if patterns is not None:
+        wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+        chosen = [layer for layer in tracked if any(fnmatch.fnmatchcase(layer.name, p) for p in wanted)]
+        if not chosen:
+            raise InputError(f"--layers {patterns!r} matches none of the {len(tracked)} norm layers "
+                             f"(e.g. {', '.join(layer.name for layer in tracked[:3])})")
+        reason = {layer.name: KEPT_NOT_SELECTED for layer in tracked}
+    else:
+        chosen = [layer for layer in tracked if layer.batch_stats_in_train or include_frozen]
+        reason = {layer.name: KEPT_EVAL_IN_TRAIN for layer in tracked}
+        if not chosen:
+            raise InputError(f"none of the {len(tracked)} norm layers normalises with batch statistics under "
+                             "model.train(), so training used their running statistics as they are; pass "
+                             "--include-frozen (include_frozen=True) or --layers to recompute them anyway")
+    names = {layer.name for layer in chosen}
+    kept = tuple(KeptLayer(layer.name, reason[layer.name]) for layer in tracked if layer.name not in names)
+    return chosen, kept
+
+
+def _recalibrate(run: Run, chosen: list[NormLayer], kept, val_data, evaluate: bool, progress) -> RecalibrationResult:
+    names = frozenset(layer.name for layer in chosen)
+    modes = (ForwardMode.EVAL, ForwardMode.NORM_TRAIN) if evaluate else (ForwardMode.NORM_TRAIN,)
     # Kept layers normalise with their running statistics, as they will in eval mode, so the
     # layers after them see the inputs they will see then.
-    measured = run_passes(adapter, plan.batches, device=torch_device,
-                          modes=(ForwardMode.EVAL, ForwardMode.NORM_TRAIN), scoring=scoring,
-                          progress=progress, total_batches=plan.num_batches, keep_eval=frozenset(skipped))
-    val_plan = plan_batches(val_data, batch_size=batch_size, seed=seed) if val_data is not None else None
-    val_before = _evaluate(adapter, val_plan, torch_device, scoring) if val_plan else None
+    measured = run_pass(run, PassSpec(modes, batch_stats=names), progress)
+    val_run = dataclasses.replace(run, plan=_val_plan(run, val_data)) if evaluate and val_data is not None else None
+    val_before = _evaluate(val_run) if val_run else None
     for layer in chosen:
         stats = measured.layer_stats.get(layer.name)
         if stats is not None:
             layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased, num_batches=stats.num_batches)
-    after = _evaluate(adapter, plan, torch_device, scoring)
-    evaluations = [EvalComparison("data", mode_metrics(measured.metrics[ForwardMode.EVAL]), after)]
-    if val_plan is not None:
-        evaluations.append(EvalComparison("val-data", val_before, _evaluate(adapter, val_plan, torch_device, scoring)))
-    updated = tuple(l.name for l in chosen if l.name in measured.layer_stats)
-    result = RecalibrationResult(len(updated), updated, skipped, measured.num_samples, measured.num_batches,
-                                 tuple(evaluations))
-    return (result, target_model) if return_model else result
+    evaluations = []
+    if evaluate:
+        evaluations.append(EvalComparison("data", mode_metrics(measured.outcomes, EVAL), _evaluate(run)))
+    if val_run is not None:
+        evaluations.append(EvalComparison("val-data", val_before, _evaluate(val_run)))
+    updated = tuple(layer.name for layer in chosen if layer.name in measured.layer_stats)
+    return RecalibrationResult(len(updated), updated, kept, measured.num_samples, measured.num_batches,
+                               tuple(evaluations))
 
 
-def _evaluate(adapter, plan, device, scoring) -> ModeMetrics:
-    outcome = run_passes(adapter, plan.batches, device=device, modes=(ForwardMode.EVAL,), collect_stats=False,
-                         scoring=scoring)
-    return mode_metrics(outcome.metrics[ForwardMode.EVAL])
+def _val_plan(run: Run, val_data):
+    from .batches import plan_batches
 
+    plan = run.plan
+    return plan_batches(val_data, batch_size=plan.batch_size if plan.reshuffled else None, seed=plan.seed,
+                        pin_memory=run.device.type == "cuda")
+
+
+def _evaluate(run: Run) -> ModeMetrics:
+    outcome = run_pass(run, PassSpec(modes=(ForwardMode.EVAL,), collect_stats=False))
+    return mode_metrics(outcome.outcomes, EVAL)
 
 
 def save_recalibrated(model: Any, path: Path, result: RecalibrationResult) -> RecalibrationResult:

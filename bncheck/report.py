@@ -46,6 +46,7 @@ class Gate:
     value: float
     threshold: float
     passed: bool
+    interval: tuple[float, float] | None = None   # 95% interval of value
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Exact streaming statistics of a norm layer's input, and drift metrics.
 
-Pure functions over tensors: no hooks, no I/O.
+Pure functions over tensors: no hooks, no I/O. Tensors stay on the device they come
+from; :meth:`LayerStatsState.to_cpu` moves a finished accumulation once.
 
 Per channel we keep ``(n, mean, M2)`` in float64, where ``M2 = sum (x - mean)^2``.
 Two sets of moments merge with Chan et al.'s parallel formula (Chan, Golub &
@@ -17,17 +18,23 @@ as in BatchNorm itself.
 
 Population variance is ``M2 / n`` (biased, what train-mode normalisation uses)
 or ``M2 / (n - 1)`` (unbiased, what PyTorch stores in ``running_var``).
+
+Moments come from two sources. :func:`moments_of` reads a layer's input in
+float64. :func:`moments_of_groups` takes the per-batch mean and unbiased variance
+that BatchNorm's own train-mode kernel computed (read from its running buffers with
+momentum 1, as fvcore's PreciseBN does) and merges them exactly: with ``n_k``
+samples per group, ``M2_k = var_k * (n_k - 1)`` undoes the Bessel correction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 
 @dataclass(frozen=True)
 class Moments:
-    """Per-channel sample count, mean and sum of squared deviations (float64, CPU)."""
+    """Per-channel sample count, mean and sum of squared deviations (float64)."""
 
     count: float
     mean: torch.Tensor
@@ -43,6 +50,9 @@ class Moments:
             return torch.full_like(self.m2, float("nan"))
         return self.m2 / denom
 
+    def to_cpu(self) -> "Moments":
+        return Moments(self.count, self.mean.cpu(), self.m2.cpu())
+
 
 def moments_of(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     """Exact per-channel moments of one tensor, computed in float64."""
@@ -52,7 +62,7 @@ def moments_of(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     count = x.numel() // x.shape[channel_dim]
     # torch's var_mean is a stable two-pass reduction; in float64 it is exact to ~1e-15.
     var, mean = torch.var_mean(x.to(torch.float64), dim=dims, correction=0)
-    return Moments(float(count), mean.cpu(), (var * count).cpu())
+    return Moments(float(count), mean, var * count)
 
 
 def per_instance_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
@@ -63,7 +73,23 @@ def per_instance_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     moved = x.detach().movedim(channel_dim, 1)
     flat = moved.reshape(moved.shape[0] * moved.shape[1], -1).to(torch.float64)
     var, mean = torch.var_mean(flat, dim=1, correction=0)
-    return Moments(float(flat.shape[1]), mean.cpu(), (var * flat.shape[1]).cpu())
+    return Moments(float(flat.shape[1]), mean, var * flat.shape[1])
+
+
+def moments_of_groups(counts: list[float], means: torch.Tensor, unbiased_vars: torch.Tensor
+                      ) -> tuple[Moments, torch.Tensor]:
+    """Exact moments of ``K`` groups given per group ``n_k``, mean and unbiased variance ``(K, C)``.
+
+    Returns the total moments and the within-group sum ``sum_k M2_k``. The total mean is
+    formed first, so ``M2 = sum_k M2_k + sum_k n_k (mean_k - mean)^2`` has no cancellation.
+    """
+    means = means.to(torch.float64)
+    n = torch.tensor(counts, dtype=torch.float64).to(means.device, non_blocking=True)[:, None]
+    total = float(sum(counts))
+    mean = (n * means).sum(0) / total
+    within = ((n - 1) * unbiased_vars.to(torch.float64)).sum(0)
+    m2 = within + (n * (means - mean).pow(2)).sum(0)
+    return Moments(total, mean, m2), within
 
 
 def merge(a: Moments | None, b: Moments) -> Moments:
@@ -157,8 +183,9 @@ class LayerInputStats:
     ``mean``/``var`` (biased) and ``var_unbiased`` are the population moments over all
     samples and positions for BatchNorm, and the means of per-instance moments for
     InstanceNorm; a layer's running statistics should equal ``mean`` and the variance
-    in its own convention (PyTorch: ``var_unbiased``; Keras: ``var``). ``batch_mean_dispersion`` is the weighted variance of
-    per-batch means (BatchNorm only; zero for InstanceNorm).
+    in its own convention (PyTorch: ``var_unbiased``; Keras: ``var``).
+    ``batch_mean_dispersion`` is the weighted variance of per-batch means (BatchNorm
+    only; zero for InstanceNorm).
     """
 
     total: Moments
@@ -172,65 +199,106 @@ class LayerInputStats:
     calls: int
 
 
-class InputStatsAccumulator:
-    """Streams a norm layer's inputs into exact float64 moments, one batch at a time."""
+@dataclass(frozen=True)
+class LayerStatsState:
+    """A mergeable accumulation of one layer's input statistics (e.g. one process's share).
 
-    def __init__(self, channel_dim: int = 1, per_instance: bool = False):
-        self.channel_dim = channel_dim
-        self.per_instance = per_instance
-        self.total: Moments | None = None
-        self.within_m2: torch.Tensor | None = None
-        self.instance_var_unbiased_sum: torch.Tensor | None = None
-        self.num_instances = 0
-        self.num_batches = 0
-        self.min_batch_count = float("inf")
-        self.max_batch_count = 0.0
+    ``groups`` counts the batches (calls) merged in, ``within_m2`` their within-batch sums of
+    squares; for InstanceNorm ``instance_var_sum`` adds each instance's unbiased variance.
+    """
+
+    total: Moments
+    within_m2: torch.Tensor
+    groups: int
+    min_count: float
+    max_count: float
+    instance_var_sum: torch.Tensor | None = None
+    num_instances: int = 0
+
+    def to_cpu(self) -> "LayerStatsState":
+        inst = None if self.instance_var_sum is None else self.instance_var_sum.cpu()
+        return replace(self, total=self.total.to_cpu(), within_m2=self.within_m2.cpu(), instance_var_sum=inst)
+
+
+def merge_states(a: LayerStatsState | None, b: LayerStatsState | None) -> LayerStatsState | None:
+    """Exact merge of two accumulations (Chan for the moments, sums for the rest)."""
+    if a is None or b is None:
+        return b if a is None else a
+    inst = None if a.instance_var_sum is None else a.instance_var_sum + b.instance_var_sum
+    return LayerStatsState(merge(a.total, b.total), a.within_m2 + b.within_m2, a.groups + b.groups,
+                           min(a.min_count, b.min_count), max(a.max_count, b.max_count), inst,
+                           a.num_instances + b.num_instances)
+
+
+def finalize(state: LayerStatsState | None, calls: int) -> LayerInputStats | None:
+    """The population statistics an accumulation describes."""
+    if state is None:
+        return None
+    total = state.total
+    if state.instance_var_sum is not None:
+        var = state.within_m2 / total.count
+        var_unbiased = state.instance_var_sum / max(state.num_instances, 1)
+        dispersion = torch.zeros_like(total.mean)
+    else:
+        var = total.variance(unbiased=False)
+        var_unbiased = total.variance(unbiased=True)
+        dispersion = between_group_dispersion(total, state.within_m2)
+    return LayerInputStats(total, total.mean, var, var_unbiased, dispersion, state.groups, state.min_count,
+                           state.max_count, calls)
+
+
+class InputStatsAccumulator:
+    """Streams one norm layer's batches into exact float64 moments on their device.
+
+    :meth:`add` reads an input tensor; :meth:`add_batch_stats` takes the mean and
+    unbiased variance BatchNorm's kernel computed for a batch of ``count`` samples per
+    channel. Kernel statistics are buffered and merged ``flush_every`` batches at a time,
+    so the per-batch cost is one small copy and no host synchronisation.
+    """
+
+    def __init__(self, channel_dim: int = 1, per_instance: bool = False, flush_every: int = 64):
+        self.channel_dim, self.per_instance, self.flush_every = channel_dim, per_instance, flush_every
+        self.state: LayerStatsState | None = None
         self.calls = 0
+        self._pending: list[torch.Tensor] = []
+        self._pending_counts: list[float] = []
 
     def add(self, x: torch.Tensor) -> None:
         self.calls += 1
         channel_dim = self.channel_dim % x.dim()
         batch = moments_of(x, channel_dim)
-        self.total = merge(self.total, batch)
-        self.num_batches += 1
-        self.min_batch_count = min(self.min_batch_count, batch.count)
-        self.max_batch_count = max(self.max_batch_count, batch.count)
+        inst, within, count = None, batch.m2, batch.count
         if self.per_instance:
-            inst = per_instance_moments(x, channel_dim)
+            moments = per_instance_moments(x, channel_dim)
             channels = batch.num_channels
-            within = inst.m2.view(-1, channels).sum(dim=0)
+            within = moments.m2.view(-1, channels).sum(dim=0)
             # InstanceNorm's running_var averages each instance's unbiased variance.
-            unbiased = inst.variance(unbiased=True).view(-1, channels).sum(dim=0)
-            self.instance_var_unbiased_sum = _add(self.instance_var_unbiased_sum, unbiased)
-            self.num_instances += inst.num_channels // channels
-        else:
-            within = batch.m2
-        self.within_m2 = _add(self.within_m2, within)
+            inst = moments.variance(unbiased=True).view(-1, channels).sum(dim=0)
+        part = LayerStatsState(batch, within, 1, count, count, inst, int(x.shape[0]) if self.per_instance else 0)
+        self.state = merge_states(self.state, part)
+
+    def add_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.calls += 1
+        self._pending.append(torch.cat((mean.detach(), unbiased_var.detach())))
+        self._pending_counts.append(float(count))
+        if len(self._pending) >= self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        stacked = torch.stack(self._pending)
+        channels = stacked.shape[1] // 2
+        counts = self._pending_counts
+        total, within = moments_of_groups(counts, stacked[:, :channels], stacked[:, channels:])
+        part = LayerStatsState(total, within, len(counts), min(counts), max(counts))
+        self.state = merge_states(self.state, part)
+        self._pending, self._pending_counts = [], []
+
+    def finish(self) -> LayerStatsState | None:
+        """The accumulation so far, on the CPU."""
+        self._flush()
+        return None if self.state is None else self.state.to_cpu()
 
     def result(self) -> LayerInputStats | None:
-        if self.total is None:
-            return None
-        total = self.total
-        if self.per_instance:
-            var = self.within_m2 / total.count
-            var_unbiased = self.instance_var_unbiased_sum / max(self.num_instances, 1)
-            dispersion = torch.zeros_like(total.mean)
-        else:
-            var = total.variance(unbiased=False)
-            var_unbiased = total.variance(unbiased=True)
-            dispersion = between_group_dispersion(total, self.within_m2)
-        return LayerInputStats(
-            total=total,
-            mean=total.mean,
-            var=var,
-            var_unbiased=var_unbiased,
-            batch_mean_dispersion=dispersion,
-            num_batches=self.num_batches,
-            min_batch_count=self.min_batch_count,
-            max_batch_count=self.max_batch_count,
-            calls=self.calls,
-        )
-
-
-def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    return value.clone() if acc is None else acc + value
+        return finalize(self.finish(), self.calls)

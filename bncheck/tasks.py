@@ -1,7 +1,7 @@
 """What the model predicts and how to score it: task detection, loss and accuracy.
 
-Pure functions over output and target tensors; accumulation is weighted by the
-number of scored elements so the result does not depend on how data is batched.
+Pure functions over output and target tensors. Scores are per sample and stay on the
+device; summed over samples they do not depend on how the data is batched.
 """
 from __future__ import annotations
 
@@ -106,114 +106,93 @@ def infer_task(outputs: torch.Tensor, targets: torch.Tensor | None, *, has_loss_
 
 
 @dataclass(frozen=True)
-class BatchScore:
-    loss_sum: float
-    loss_count: int
-    correct: float | None
-    scored: int
+class SampleScores:
+    """Per-unit scores of one batch, on the outputs' device (computing them never syncs the host).
+
+    Losses are summed per unit: a unit is a sample, or the whole batch when a ``loss_fn``
+    gives one number per batch. ``correct`` counts the correct elements of each sample
+    (one per sample for classification, pixels for segmentation, labels for multi-label),
+    out of ``scored`` elements per sample. ``out_of_range`` counts class targets outside the
+    model's classes; they are clamped to score at all and reported afterwards.
+    """
+
+    loss: torch.Tensor | None        # (units,) float64 summed loss per unit
+    loss_elements: int               # elements behind the loss of the whole batch
+    correct: torch.Tensor | None     # (n,) float64 correct elements per sample
+    scored: int                      # scored elements per sample
+    out_of_range: torch.Tensor | None = None   # count of such targets
+    largest_class: torch.Tensor | None = None  # the largest class target (for the message)
 
 
-def score_batch(
-    task: Task,
-    outputs: torch.Tensor,
-    targets: torch.Tensor | None,
-    loss_fn: Callable | None = None,
-) -> BatchScore:
-    """Summed loss and correct count of one batch, so batches can be added exactly."""
+def score_samples(task: Task, outputs: torch.Tensor, targets: torch.Tensor | None,
+                  loss_fn: Callable | None = None) -> SampleScores:
+    """Loss and correctness of each sample of one batch, so batches and processes add up exactly."""
     n = int(outputs.shape[0])
     out = outputs.float()
     if task is Task.LABEL_FREE:
-        return BatchScore(0.0, 0, None, n)
+        return SampleScores(None, 0, None, 1)
     if task is Task.CUSTOM:
         loss = loss_fn(outputs, targets)
-        value = float(loss.mean() if isinstance(loss, torch.Tensor) else loss)
+        value = (loss.mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss)))
         correct = None
         if outputs.dim() == 2 and not targets.is_floating_point() and targets.shape == outputs.shape[:1]:
-            correct = float((out.argmax(dim=1) == targets).sum())
-        return BatchScore(value * n, n, correct, n)
-    if task is Task.CLASSIFICATION:
-        one_hot = targets.is_floating_point() and targets.dim() == 2
+            correct = (out.argmax(dim=1) == targets).double()
+        return SampleScores((value.double() * n).reshape(1).to(out.device), n, correct, 1)
+    if task in (Task.CLASSIFICATION, Task.SEGMENTATION):
+        one_hot = task is Task.CLASSIFICATION and targets.is_floating_point() and targets.dim() == 2
         labels = targets.argmax(dim=1) if one_hot else targets.long()
-        _check_class_range(labels, out.shape[1])
-        loss = F.cross_entropy(out, labels, reduction="sum")
-        return BatchScore(float(loss), n, float((out.argmax(dim=1) == labels).sum()), n)
-    if task is Task.SEGMENTATION:
-        labels = targets.long()
-        _check_class_range(labels, out.shape[1])
-        loss = F.cross_entropy(out, labels, reduction="sum")
-        pixels = labels.numel()
-        return BatchScore(float(loss), pixels, float((out.argmax(dim=1) == labels).sum()), pixels)
+        classes = out.shape[1]
+        bad, largest = ((labels < 0) | (labels >= classes)).sum(), labels.max()
+        labels = labels.clamp(0, classes - 1)
+        loss = F.cross_entropy(out, labels, reduction="none").double().reshape(n, -1).sum(1)
+        correct = (out.argmax(dim=1) == labels).double().reshape(n, -1).sum(1)
+        per_sample = labels[0].numel() if n else 1
+        return SampleScores(loss, n * per_sample, correct, per_sample, bad, largest)
     if task is Task.BINARY:
         logits, labels = out.reshape(-1), targets.float().reshape(-1)
-        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
-        return BatchScore(float(loss), n, float(((logits > 0).float() == labels).sum()), n)
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").double()
+        return SampleScores(loss, n, ((logits > 0).float() == labels).double(), 1)
     if task is Task.MULTILABEL:
         labels = targets.float()
-        loss = F.binary_cross_entropy_with_logits(out, labels, reduction="sum")
-        return BatchScore(float(loss), labels.numel(), float(((out > 0).float() == labels).sum()), labels.numel())
+        loss = F.binary_cross_entropy_with_logits(out, labels, reduction="none").double().sum(1)
+        correct = ((out > 0).float() == labels).double().sum(1)
+        return SampleScores(loss, labels.numel(), correct, int(labels.shape[1]))
     # regression
     labels = targets.float().reshape(out.shape)
-    loss = F.mse_loss(out, labels, reduction="sum")
-    return BatchScore(float(loss), labels.numel(), None, labels.numel())
+    loss = F.mse_loss(out, labels, reduction="none").double().reshape(n, -1).sum(1)
+    return SampleScores(loss, labels.numel(), None, 1)
 
 
-def _check_class_range(labels: torch.Tensor, num_classes: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ShapeMismatchError(
-            f"targets hold class {int(labels.max())} but the model outputs {num_classes} classes; "
-            "check --num-classes or the targets"
-        )
-
-
-class MetricAccumulator:
-    """Adds :class:`BatchScore` values and turns them into :class:`Metrics`."""
-
-    def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.loss_count = 0
-        self.correct = 0.0
-        self.scored = 0
-        self.has_accuracy = True
-        self.num_samples = 0
-
-    def add(self, score: BatchScore, num_samples: int) -> None:
-        self.loss_sum += score.loss_sum
-        self.loss_count += score.loss_count
-        self.num_samples += num_samples
-        if score.correct is None:
-            self.has_accuracy = False
-        else:
-            self.correct += score.correct
-            self.scored += score.scored
-
-    def result(self) -> Metrics:
-        loss = self.loss_sum / self.loss_count if self.loss_count else None
-        accuracy = self.correct / self.scored if self.has_accuracy and self.scored else None
-        return Metrics(loss, accuracy, self.num_samples)
-
-
-def prediction_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
-    """(number of samples whose predicted class matches, samples) for class-like outputs,
-    else a per-element comparison of signs for single outputs."""
+def prediction_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of predictions that match: the argmax class for class-like outputs
+    (per position for dense maps), else the sign of each output."""
     if a.dim() >= 2 and a.shape[1] > 1:
-        same = (a.argmax(dim=1) == b.argmax(dim=1)).float()
-        same = same.reshape(same.shape[0], -1).mean(dim=1)
-        return float(same.sum()), int(a.shape[0])
-    same = (a > 0) == (b > 0)
-    return float(same.reshape(a.shape[0], -1).float().mean(dim=1).sum()), int(a.shape[0])
+        same = (a.argmax(dim=1) == b.argmax(dim=1)).double()
+    else:
+        same = ((a > 0) == (b > 0)).double()
+    return same.reshape(same.shape[0], -1).mean(dim=1)
 
 
-def relative_divergence(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
-    """Sum over samples of ||a - b|| / ||b||, with b the train-mode output."""
-    a2 = a.float().reshape(a.shape[0], -1)
-    b2 = b.float().reshape(b.shape[0], -1)
-    ratio = (a2 - b2).norm(dim=1) / b2.norm(dim=1).clamp_min(1e-12)
-    return float(ratio.sum()), int(a.shape[0])
+def relative_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample, ||a - b|| / ||b||, with b the train-mode output."""
+    a2 = a.double().reshape(a.shape[0], -1)
+    b2 = b.double().reshape(b.shape[0], -1)
+    return (a2 - b2).norm(dim=1) / b2.norm(dim=1).clamp_min(1e-12)
 
 
-def majority_share(targets: torch.Tensor | None) -> float | None:
-    """Share of a batch taken by its most common class (1.0 means single-class)."""
-    if targets is None or targets.is_floating_point() or targets.dim() != 1 or targets.numel() < 2:
+def class_labels(task: Task, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Class indices of a batch's targets for the label-balance checks, None for other tasks."""
+    if targets is None or task not in (Task.CLASSIFICATION, Task.BINARY, Task.CUSTOM):
         return None
-    counts = torch.bincount(targets.long().clamp_min(0))
-    return float(counts.max()) / targets.numel()
+    if task is Task.CLASSIFICATION and targets.is_floating_point() and targets.dim() == 2:
+        return targets.argmax(dim=1)
+    if targets.is_floating_point() and task is not Task.BINARY:
+        return None
+    labels = targets.reshape(-1).long() if task is Task.BINARY else targets
+    return labels if labels.dim() == 1 and labels.numel() >= 2 else None
+
+
+def majority_share(labels: torch.Tensor) -> torch.Tensor:
+    """Share of a batch taken by its most common class (1.0 means single-class), on the device."""
+    counts = torch.bincount(labels.long().clamp_min(0))
+    return counts.max().double() / labels.numel()

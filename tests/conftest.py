@@ -178,6 +178,19 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return flat.mean(1), flat.var(1, unbiased=False), flat.var(1, unbiased=True)
 
 
+# BatchNorm's own kernel reports each batch's statistics in float32 (the CPU sums in float64, then
+# rounds): the engine's merged statistics are exact to this, relative to the data's spread.
+STATS_RTOL = 1e-6
+
+
+def assert_stats_close(actual, expected: torch.Tensor, spread: torch.Tensor | None = None) -> None:
+    """Within 1e-6 relative of a float64 reference, and of the spread for values near zero."""
+    expected = expected.double()
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    scale = expected.abs().max() if spread is None else spread.double().max()
+    torch.testing.assert_close(actual, expected, rtol=STATS_RTOL, atol=STATS_RTOL * float(scale))
+
+
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

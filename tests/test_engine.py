@@ -16,6 +16,7 @@ from bncheck.errors import BncheckError, DataError, ForwardError, InputError, No
 from conftest import (
     as_batches,
     assert_state_equal,
+    assert_stats_close,
     blob_data,
     channel_moments,
     collect_norm_inputs,
@@ -212,10 +213,9 @@ def test_each_layer_type_is_measured_exactly(case):
     assert layer.calls_per_forward == 1.0
     assert layer.batch_samples == 16 * math.prod(shape[1:])
     ch = layer.channels
-    torch.testing.assert_close(torch.tensor(ch.true_mean, dtype=torch.float64), mean, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(torch.tensor(ch.true_var, dtype=torch.float64), var, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(torch.tensor(ch.true_var_unbiased, dtype=torch.float64), var_unbiased,
-                               rtol=1e-9, atol=1e-9)
+    assert_stats_close(ch.true_mean, mean, var.sqrt())
+    assert_stats_close(ch.true_var, var)
+    assert_stats_close(ch.true_var_unbiased, var_unbiased)
     assert torch.equal(torch.tensor(ch.running_mean, dtype=torch.float64), norm.running_mean.double())
     assert torch.equal(torch.tensor(ch.running_var, dtype=torch.float64), norm.running_var.double())
     # Independent drift against what exact statistics would store (PyTorch: the unbiased variance):
@@ -324,10 +324,10 @@ def test_injected_mean_shift_is_reported_exactly_on_that_layer(healthy_convnet, 
     mean, var, var_unbiased = channel_moments(inputs)
     eps = healthy_convnet.bn2.eps
     shift = (healthy_convnet.bn2.running_mean.double() - mean).abs() / (var_unbiased + eps).sqrt()
-    torch.testing.assert_close(torch.tensor(bn2.channels.true_mean, dtype=torch.float64), mean, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(torch.tensor(bn2.channels.true_var, dtype=torch.float64), var, rtol=1e-9, atol=1e-9)
-    assert bn2.mean_shift_max == pytest.approx(float(shift.max()), rel=1e-9)
-    assert bn2.mean_shift_mean == pytest.approx(float(shift.mean()), rel=1e-9)
+    assert_stats_close(bn2.channels.true_mean, mean, var.sqrt())
+    assert_stats_close(bn2.channels.true_var, var)
+    assert bn2.mean_shift_max == pytest.approx(float(shift.max()), rel=1e-6)
+    assert bn2.mean_shift_mean == pytest.approx(float(shift.mean()), rel=1e-6)
     # ... which is 3 / sqrt(var + eps) per channel, up to the healthy model's own small drift.
     torch.testing.assert_close(shift, 3.0 / (var_unbiased + eps).sqrt(), rtol=0, atol=0.02)
     # Train mode ignores running statistics: every layer's true statistics are unchanged,
@@ -515,9 +515,9 @@ def test_seeds_change_batch_composition_but_not_population_statistics(healthy_co
     assert a.data.num_samples == b.data.num_samples == len(images[0])
     # bn1 sees the data itself (through a fixed conv): population moments do not depend on batching
     bn1_a, bn1_b = layer_named(a, "bn1").channels, layer_named(b, "bn1").channels
+    spread = torch.tensor(bn1_a.true_var).sqrt()
     for field in ("true_mean", "true_var", "true_var_unbiased"):
-        torch.testing.assert_close(torch.tensor(getattr(bn1_a, field)), torch.tensor(getattr(bn1_b, field)),
-                                   rtol=1e-9, atol=1e-9)
+        assert_stats_close(getattr(bn1_a, field), torch.tensor(getattr(bn1_b, field)), spread)
     # eval mode is batch-independent; train mode is not
     assert a.metrics.eval.loss == pytest.approx(b.metrics.eval.loss, rel=1e-5)
     assert a.metrics.train.loss != b.metrics.train.loss

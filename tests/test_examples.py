@@ -24,12 +24,13 @@ EXPECTED = {
     "stats_not_saved": ("fail", {"stats-never-updated"}),
     "sorted_last_batches": ("fail", {"stats-dominated-by-recent-batches"}),
     "healthy": ("pass", set()),
+    "eval_kept_backbone": ("pass", set()),
 }
 FAILING = sorted(name for name, (verdict, _) in EXPECTED.items() if verdict == "fail")
 
-# Frozen layers keep their statistics unless recalibrate is told otherwise: the
-# frozen-backbone example needs --include-frozen (see the test below).
-RECALIBRATE_ARGS = {"frozen_backbone_finetune": ["--include-frozen"]}
+# Recalibrate's default recomputes the layers that normalise with batch statistics under
+# model.train(): the frozen-but-training backbone of frozen_backbone_finetune among them.
+RECALIBRATE_ARGS: dict[str, list[str]] = {}
 
 
 def model_file(name: str) -> str:
@@ -100,7 +101,7 @@ def test_recalibration_closes_the_gap(diagnoses, tmp_path, name):
     fixed = tmp_path / "fixed.pt"
     code, summary = cli_json("recalibrate", model_file(name), "-o", str(fixed), *RECALIBRATE_ARGS.get(name, []))
     assert code == EXIT_PASS
-    assert summary["layers_updated"] == len(before["layers"]) and not summary["skipped_frozen"]
+    assert summary["layers_updated"] == len(before["layers"]) and not summary["kept_layers"]
     data_row = summary["evaluations"][0]
     assert data_row["after"]["accuracy"] > data_row["before"]["accuracy"]
 
@@ -112,11 +113,16 @@ def test_recalibration_closes_the_gap(diagnoses, tmp_path, name):
     assert after["metrics"]["eval"]["accuracy"] > before["metrics"]["eval"]["accuracy"]
 
 
-def test_recalibration_keeps_frozen_layers_by_default(tmp_path):
-    """Without --include-frozen, recalibrate leaves a frozen backbone's statistics alone;
-    when every norm layer is frozen there is nothing to do, which is an input error."""
+def test_recalibration_keeps_layers_that_stay_in_eval_in_training(tmp_path):
+    """eval_kept_backbone: train() keeps the frozen backbone's BatchNorm in eval, so the default
+    recomputes only the head's and eval accuracy stays as good as it was."""
+    code, report = cli_json("diagnose", model_file("eval_kept_backbone"))
+    assert report["verdict"] == "pass" and code == EXIT_PASS
+    kept_in_train = [l["name"] for l in report["layers"] if not l["batch_stats_in_train"]]
+    assert sorted(kept_in_train) == ["backbone.1", "backbone.4"]
     fixed = tmp_path / "fixed.pt"
-    result = CliRunner().invoke(main, ["recalibrate", model_file("frozen_backbone_finetune"), "-o", str(fixed)])
-    assert result.exit_code == 2
-    assert "--include-frozen" in result.output
-    assert not fixed.exists()
+    code, summary = cli_json("recalibrate", model_file("eval_kept_backbone"), "-o", str(fixed))
+    assert code == EXIT_PASS and summary["updated_layers"] == ["head.1"]
+    assert sorted(k["name"] for k in summary["kept_layers"]) == ["backbone.1", "backbone.4"]
+    row = summary["evaluations"][0]
+    assert row["after"]["accuracy"] >= row["before"]["accuracy"] - 0.01

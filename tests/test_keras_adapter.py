@@ -153,13 +153,29 @@ def test_unfrozen_norm_train_updates_with_keras_momentum_and_biased_variance():
     torch.testing.assert_close(layer.running_var(), 0.99 * old_var + 0.01 * var, atol=1e-6, rtol=1e-5)
 
 
+class InputsSeen:
+    """A stats recorder that keeps what the hook hands it (Keras layers always pass their input)."""
+
+    active = True
+
+    def __init__(self):
+        self.inputs = []
+
+    def record_input(self, x):
+        self.inputs.append(x)
+
+    def record_batch_stats(self, *_):
+        raise AssertionError("Keras layers report their input, not kernel statistics")
+
+
 @pytest.mark.parametrize("make, channel_dim, channels", [(conv_model, -1, 4), (axis1_model, 1, 5)])
 def test_input_hook_sees_bn_input_on_its_channel_axis(make, channel_dim, channels):
     model, features = make()
     adapter = adapter_for(model)
     (layer,) = adapter.norm_layers()
-    seen = []
-    handle = layer.add_input_hook(seen.append)
+    recorder = InputsSeen()
+    handle = layer.add_stats_hook(recorder)
+    seen = recorder.inputs
     x = batch(3, *model.input_shape[1:])
     run(adapter, ForwardMode.NORM_TRAIN, x)
     handle.remove()
@@ -216,8 +232,9 @@ def test_recalibrated_eval_matches_norm_train_on_the_same_batch(make, shape, dim
     model, _ = make()
     adapter = adapter_for(model)
     (layer,) = adapter.norm_layers()
-    seen = []
-    handle = layer.add_input_hook(seen.append)
+    recorder = InputsSeen()
+    handle = layer.add_stats_hook(recorder)
+    seen = recorder.inputs
     x = batch(*shape, seed=5)
     out_train = run(adapter, ForwardMode.NORM_TRAIN, x)
     handle.remove()

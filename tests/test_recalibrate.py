@@ -103,23 +103,57 @@ def test_dropout_stays_off_during_recalibration(healthy_dropout_mlp, blobs):
     assert_buffers_equal_reference(fixed, dropout_off, {"1", "5"})
 
 
-def test_frozen_layers_are_skipped_unless_included(broken_convnet, images):
+class KeepsBn2InEval(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.net.bn2.eval()
+        return self
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_frozen_but_training_layers_are_recomputed_by_default(broken_convnet, images):
     x, y = images
     batches = as_batches(x, y, 32)
     for p in broken_convnet.bn2.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(False)  # frozen, but model.train() still normalises it with batch statistics
     result, fixed = recalibrate(broken_convnet, batches, return_model=True)
-    assert result.skipped_frozen == ("bn2",) and result.updated_layers == ("bn1", "bn3")
-    assert torch.equal(fixed.bn2.running_mean, broken_convnet.bn2.running_mean)
-    assert torch.equal(fixed.bn2.running_var, broken_convnet.bn2.running_var)
+    assert result.updated_layers == ("bn1", "bn2", "bn3") and result.kept_layers == ()
+    assert_buffers_equal_reference(fixed, reference_stats(broken_convnet, batches), {"bn1", "bn2", "bn3"})
+
+
+def test_layers_kept_in_eval_by_train_are_kept_unless_included(broken_convnet, images):
+    x, y = images
+    batches = as_batches(x, y, 32)
+    model = KeepsBn2InEval(broken_convnet)
+    result, fixed = recalibrate(model, batches, return_model=True)
+    assert [k.name for k in result.kept_layers] == ["net.bn2"] and result.updated_layers == ("net.bn1", "net.bn3")
+    assert "model.train()" in result.kept_layers[0].reason
+    assert torch.equal(fixed.net.bn2.running_mean, broken_convnet.bn2.running_mean)
+    assert torch.equal(fixed.net.bn2.running_var, broken_convnet.bn2.running_var)
     # bn3 sees bn2's output as it will in eval mode: bn2 normalising with its kept statistics
     kept = reference_stats(broken_convnet, batches, keep_eval=("bn2",))
-    assert_buffers_equal_reference(fixed, kept, {"bn1", "bn3"})
+    assert_buffers_equal_reference(fixed.net, kept, {"bn1", "bn3"})
 
     reference = reference_stats(broken_convnet, batches)
-    result, fixed = recalibrate(broken_convnet, batches, include_frozen=True, return_model=True)
-    assert result.skipped_frozen == () and result.layers_updated == 3
-    assert_buffers_equal_reference(fixed, reference, {"bn1", "bn2", "bn3"})
+    result, fixed = recalibrate(model, batches, include_frozen=True, return_model=True)
+    assert result.kept_layers == () and result.layers_updated == 3
+    assert_buffers_equal_reference(fixed.net, reference, {"bn1", "bn2", "bn3"})
+
+
+def test_layer_patterns_choose_exactly_the_layers(broken_convnet, images):
+    x, y = images
+    batches = as_batches(x, y, 32)
+    result, fixed = recalibrate(broken_convnet, batches, layers="bn2, bn3", return_model=True)
+    assert result.updated_layers == ("bn2", "bn3") and [k.name for k in result.kept_layers] == ["bn1"]
+    assert torch.equal(fixed.bn1.running_mean, broken_convnet.bn1.running_mean)
+    with pytest.raises(bncheck.InputError, match="matches none"):
+        recalibrate(broken_convnet, batches, layers="head.*")
 
 
 def test_num_samples_and_max_batches_cap_the_work(healthy_convnet, images):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bncheck.inspection import InspectionReport
-from bncheck.recalibration import EvalComparison, RecalibrationResult
+from bncheck.recalibration import EvalComparison, KeptLayer, RecalibrationResult
 from bncheck.render import OutputFormat, RenderOptions, renderer_for
 from bncheck.report import (
     DataSummary, Finding, Gap, Gate, LayerReport, MetricsSet, ModeMetrics, Report, Severity, Verdict,
@@ -33,8 +33,9 @@ def layer(name: str, drift: float, shift: float, ratio: float, **changes) -> Lay
 
 
 def failing_report() -> Report:
-    layers = (layer("layer1.bn1", 1.84, 2.48, 14.1), layer("stem.bn", 1.11, 0.92, 0.1),
-              layer("layer2.bn1", 0.25, 0.3, 1.2), layer("head.bn", 0.03, 0.05, 1.01, type="BatchNorm1d"))
+    layers = (layer("layer1.bn1", 1.84, 2.48, 14.1, order=1), layer("stem.bn", 1.11, 0.92, 0.1, order=0),
+              layer("layer2.bn1", 0.25, 0.3, 1.2, order=2),
+              layer("head.bn", 0.03, 0.05, 1.01, type="BatchNorm1d", order=3, batch_stats_in_train=False))
     finding = Finding("stats-not-converged", Severity.ERROR, ("layer1.bn1", "stem.bn"),
                       {"num_batches_tracked": 10, "momentum": 0.01, "initial_weight": 0.9044},
                       "The moving averages saw only 10 updates with momentum 0.01.",
@@ -42,13 +43,16 @@ def failing_report() -> Report:
     return Report(
         verdict=Verdict.FAIL, task="classification", framework="torch", device="cpu",
         metrics=MetricsSet(ModeMetrics(10.75, 1 / 3), ModeMetrics(0.0156, 1.0), ModeMetrics(0.02, 1.0)),
-        gap=Gap(2 / 3, 10.7344, 688.1), gate=Gate("accuracy", 2 / 3, 0.05, False), agreement=1 / 3,
+        gap=Gap(2 / 3, 10.7344, 688.1, (0.0712, 0.9385), None),
+        gate=Gate("accuracy", 2 / 3, 0.05, False, (0.0712, 0.9385)), agreement=1 / 3,
         output_divergence=46.8, layers=layers, findings=(finding,),
         data=DataSummary(3, 1, 3, True, 0, 1 / 3, 3), notes=("checkpoint keys had prefix 'module.', stripped",))
 
 
 def recalibration() -> RecalibrationResult:
-    return RecalibrationResult(2, ("layer1.bn1", "stem.bn"), ("frozen.bn",), 3, 1,
+    kept = (KeptLayer("frozen.bn", "normalises with its running statistics under model.train(), so training used "
+                                   "them"),)
+    return RecalibrationResult(2, ("layer1.bn1", "stem.bn"), kept, 3, 1,
                                (EvalComparison("data", ModeMetrics(10.75, 1 / 3), ModeMetrics(0.016, 1.0)),),
                                output_path="fixed.pt")
 

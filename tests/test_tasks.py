@@ -8,7 +8,7 @@ from torch import nn
 
 import bncheck
 from bncheck.errors import InputError, ShapeMismatchError
-from bncheck.tasks import Task, infer_task, score_batch, select_output
+from bncheck.tasks import Task, infer_task, score_samples, select_output
 
 
 def test_output_selection_from_tuples_dicts_and_objects():
@@ -50,18 +50,29 @@ def test_mismatched_targets_are_a_shape_error():
 def test_scores_match_torch_references():
     torch.manual_seed(0)
     seg_out, seg_y = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
-    score = score_batch(Task.SEGMENTATION, seg_out, seg_y)
-    assert score.loss_sum / score.loss_count == pytest.approx(float(F.cross_entropy(seg_out, seg_y)), rel=1e-6)
-    assert score.correct / score.scored == pytest.approx(float((seg_out.argmax(1) == seg_y).float().mean()))
+    score = score_samples(Task.SEGMENTATION, seg_out, seg_y)
+    assert score.loss.shape == (2,) and score.scored == 16  # one loss and 16 pixels per image
+    assert float(score.loss.sum()) / score.loss_elements == pytest.approx(float(F.cross_entropy(seg_out, seg_y)),
+                                                                           rel=1e-6)
+    per_image = (seg_out.argmax(1) == seg_y).double().sum(dim=(1, 2))
+    torch.testing.assert_close(score.correct, per_image)
 
     ml_out, ml_y = torch.randn(5, 4), torch.randint(0, 2, (5, 4)).float()
-    score = score_batch(Task.MULTILABEL, ml_out, ml_y)
-    assert score.loss_sum / score.loss_count == pytest.approx(
+    score = score_samples(Task.MULTILABEL, ml_out, ml_y)
+    assert float(score.loss.sum()) / score.loss_elements == pytest.approx(
         float(F.binary_cross_entropy_with_logits(ml_out, ml_y)), rel=1e-6)
-    assert score.correct / score.scored == pytest.approx(float(((ml_out > 0).float() == ml_y).float().mean()))
+    assert float(score.correct.sum()) / (score.scored * 5) == pytest.approx(
+        float(((ml_out > 0).float() == ml_y).float().mean()))
 
-    with pytest.raises(ShapeMismatchError, match="class 7"):
-        score_batch(Task.CLASSIFICATION, torch.randn(2, 3), torch.tensor([0, 7]))
+    cls_out, cls_y = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    score = score_samples(Task.CLASSIFICATION, cls_out, cls_y)
+    torch.testing.assert_close(score.loss, F.cross_entropy(cls_out, cls_y, reduction="none").double())
+    torch.testing.assert_close(score.correct, (cls_out.argmax(1) == cls_y).double())
+
+
+def test_class_targets_outside_the_outputs_are_counted_not_crashed_on():
+    score = score_samples(Task.CLASSIFICATION, torch.randn(3, 3), torch.tensor([0, 7, -1]))
+    assert int(score.out_of_range) == 2  # clamped to score at all, reported by the engine afterwards
 
 
 class TinySegmenter(nn.Module):
@@ -119,7 +130,7 @@ def test_multi_input_model_takes_a_tuple_of_tensors():
 def test_single_logit_binary_classifier(targets):
     outputs = torch.tensor([[-2.0], [3.0], [-1.0], [-0.5]])
     assert infer_task(outputs, targets) is Task.BINARY
-    score = score_batch(Task.BINARY, outputs, targets)
-    assert score.correct == 3 and score.scored == 4
+    score = score_samples(Task.BINARY, outputs, targets)
+    assert float(score.correct.sum()) == 3 and score.scored == 1
     expected = F.binary_cross_entropy_with_logits(outputs.reshape(-1), targets.float().reshape(-1))
-    assert score.loss_sum / score.loss_count == pytest.approx(float(expected))
+    assert float(score.loss.sum()) / score.loss_elements == pytest.approx(float(expected))

@@ -1,17 +1,27 @@
-"""The two small interfaces the engine relies on."""
+"""The small interfaces the engine relies on."""
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 
 
 class ForwardMode(enum.Enum):
-    EVAL = "eval"                # everything in inference mode
-    NORM_TRAIN = "train"         # only norm layers normalise with batch statistics
-    FULL_TRAIN = "train_with_dropout"  # the framework's own training mode (dropout on)
+    EVAL = "eval"                # inference mode: every norm layer uses its running statistics
+    NORM_TRAIN = "train"         # the model's training mode with dropout and stochastic depth off
+    FULL_TRAIN = "train_with_dropout"  # the model's training mode as it is (dropout on)
+
+
+class StatsRecorder(Protocol):
+    """Where a norm layer's hook sends what it sees; ``active`` is False outside measured forwards."""
+
+    active: bool
+
+    def record_input(self, x: torch.Tensor) -> None: ...
+
+    def record_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None: ...
 
 
 class NormLayer(ABC):
@@ -19,11 +29,13 @@ class NormLayer(ABC):
 
     Conventions are PyTorch's unless a property says otherwise: ``update_weight``
     is the weight of the new batch in the moving average (PyTorch ``momentum``,
-    Keras ``1 - momentum``).
+    Keras ``1 - momentum``). ``batch_stats_in_train`` says whether the layer normalises
+    with batch statistics in the model's training mode (the adapter sets it).
     """
 
     name: str
     framework: str = "torch"
+    batch_stats_in_train: bool = True
 
     @property
     @abstractmethod
@@ -84,8 +96,8 @@ class NormLayer(ABC):
     def num_batches_tracked(self) -> int | None: ...
 
     @abstractmethod
-    def add_input_hook(self, fn: Callable[[torch.Tensor], None]) -> Any:
-        """Call ``fn(input)`` before every forward; returns a handle with ``remove()``."""
+    def add_stats_hook(self, recorder: StatsRecorder) -> Any:
+        """Send every call's input statistics to ``recorder``; returns a handle with ``remove()``."""
 
     @abstractmethod
     def write_running_stats(self, mean: torch.Tensor, biased_var: torch.Tensor, unbiased_var: torch.Tensor,
@@ -109,7 +121,8 @@ class ModelAdapter(ABC):
     def norm_layers(self) -> list[NormLayer]: ...
 
     @abstractmethod
-    def has_dropout(self) -> bool: ...
+    def has_dropout(self) -> bool:
+        """Whether the training mode runs dropout or stochastic depth that NORM_TRAIN turns off."""
 
     @abstractmethod
     def snapshot(self) -> Any:
@@ -119,18 +132,19 @@ class ModelAdapter(ABC):
     def restore(self, snapshot: Any) -> None: ...
 
     @abstractmethod
-    def set_mode(self, mode: ForwardMode, *, keep_eval: frozenset[str] = frozenset()) -> None:
-        """Put the model in ``mode`` with running statistics frozen; norm layers named in
-        ``keep_eval`` keep normalising with their running statistics in every mode."""
+    def set_mode(self, mode: ForwardMode, *, batch_stats: frozenset[str] | None = None) -> None:
+        """Put the model in ``mode`` with its running statistics protected from updates. In the train
+        modes, the norm layers named in ``batch_stats`` normalise with batch statistics and the others
+        with their running statistics; None keeps what the model's training mode does."""
 
     @abstractmethod
     def forward(self, inputs: Any) -> Any: ...
 
     @abstractmethod
-    def move_to(self, device: torch.device) -> None: ...
+    def move_to(self, device: torch.device, *, channels_last: bool = False) -> None: ...
 
     @abstractmethod
-    def prepare_inputs(self, inputs: Any, device: torch.device) -> Any:
+    def prepare_inputs(self, inputs: Any, device: torch.device, *, channels_last: bool = False) -> Any:
         """Move a batch's inputs where the model runs and into the form it takes."""
 
     def device_used(self, requested: torch.device) -> torch.device:
@@ -152,3 +166,11 @@ class ModelAdapter(ABC):
 
     def no_grad(self):
         return torch.no_grad()
+
+    def autocast(self, device: torch.device, dtype: torch.dtype | None):
+        """Forwards under mixed precision; a no-op context when ``dtype`` is None."""
+        import contextlib
+
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)

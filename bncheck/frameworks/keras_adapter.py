@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,10 +113,15 @@ class KerasNormLayer(NormLayer):
         when the model has no optimizer that took a step. Earlier training is not counted."""
         return self.optimizer_steps if self.module.trainable else None
 
-    def add_input_hook(self, fn: Callable[[torch.Tensor], None]):
+    @property
+    def batch_stats_in_train(self) -> bool:
+        """``fit`` normalises a trainable layer with batch statistics; ``trainable=False`` means inference mode."""
+        return bool(self.module.trainable)
+
+    def add_stats_hook(self, recorder):
         def pre_hook(_module, args):
-            if args and isinstance(args[0], torch.Tensor):  # skip symbolic (graph-building) calls
-                fn(args[0])
+            if recorder.active and args and isinstance(args[0], torch.Tensor):  # skip symbolic calls
+                recorder.record_input(args[0])
         return self.module.register_forward_pre_hook(pre_hook)
 
     def write_running_stats(self, mean, biased_var, unbiased_var, num_batches: int = 0) -> None:
@@ -197,10 +202,11 @@ class KerasModelAdapter(ModelAdapter):
                 layer.module.trainable = trainable  # the setter also walks sublayers and variables
         _copy_back(snapshot.values)
 
-    def set_mode(self, mode: ForwardMode, *, keep_eval: frozenset[str] = frozenset()) -> None:
+    def set_mode(self, mode: ForwardMode, *, batch_stats: frozenset[str] | None = None) -> None:
         """EVAL: ``training=False``. NORM_TRAIN: that, but ``training=True`` forced on each BN (which a
-        ``trainable=False`` BN ignores, as in ``fit``). FULL_TRAIN: ``training=True``. Momentum 1.0 keeps
-        moving stats exactly unchanged; renorm layers (moving stddev) are also guarded by hooks."""
+        ``trainable=False`` BN ignores, as in ``fit``), or on those named in ``batch_stats``. FULL_TRAIN:
+        ``training=True``. Momentum 1.0 keeps moving stats exactly unchanged; renorm layers (moving
+        stddev) are also guarded by hooks."""
         self._remove_hooks()
         self._training_call = mode is ForwardMode.FULL_TRAIN
         for layer in self._norm:
@@ -208,7 +214,7 @@ class KerasModelAdapter(ModelAdapter):
             layer.batch_stats_requested = mode is not ForwardMode.EVAL
             freeze = mode is not ForwardMode.EVAL
             module.momentum = 1.0 if freeze else layer.user_momentum
-            if mode is ForwardMode.NORM_TRAIN and layer.name not in keep_eval:
+            if mode is ForwardMode.NORM_TRAIN and (batch_stats is None or layer.name in batch_stats):
                 self._hooks.append(module.register_forward_pre_hook(_force_training, with_kwargs=True))
             if freeze and getattr(module, "renorm", False):
                 self._hooks += _guard_variables(module)
@@ -221,7 +227,7 @@ class KerasModelAdapter(ModelAdapter):
         """One positional argument, also for several inputs (list or dict); Keras converts arrays."""
         return self.model(inputs, training=self._training_call)
 
-    def move_to(self, device: torch.device) -> None:
+    def move_to(self, device: torch.device, *, channels_last: bool = False) -> None:
         """No-op: Keras places variables at creation (CUDA when available) and cannot move them."""
 
     def device_used(self, requested: torch.device) -> torch.device:
@@ -229,7 +235,7 @@ class KerasModelAdapter(ModelAdapter):
             return variable.value.device
         return requested
 
-    def prepare_inputs(self, inputs: Any, device: torch.device) -> Any:
+    def prepare_inputs(self, inputs: Any, device: torch.device, *, channels_last: bool = False) -> Any:
         """Torch tensors on the device of the model's variables, which Keras chose (not ``device``);
         float64 becomes float32, integer inputs keep their dtype."""
         first = next(iter(self.model.variables), None)

@@ -1,135 +1,93 @@
-"""PyTorch adapter: every ``_NormBase`` subclass (BatchNorm1d/2d/3d, SyncBatchNorm,
-Lazy variants, InstanceNorm with running stats, subclasses such as timm's
-BatchNormAct2d)."""
+"""PyTorch adapter: the model's modes, forward and state; its norm layers live in torch_layers.
+
+The training mode is the user's own ``model.train()``: it is called once, when the adapter is
+built, so an overridden ``train()`` that keeps some norm layers in eval (mmdetection's
+``norm_eval``, fastai's ``BnFreeze``, Lightning's ``BaseFinetuning``) decides which layers use
+batch statistics. NORM_TRAIN is that mode with dropout and stochastic depth back in eval.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..errors import InputError
 from .base import ForwardMode, ModelAdapter, NormLayer
+from .torch_layers import TorchLayer, make_layer
 
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# Stochastic depth and friends outside torch.nn: torchvision's StochasticDepth, timm's DropPath/DropBlock.
+_DROPOUT_NAME_PARTS = ("Dropout", "DropPath", "StochasticDepth", "DropBlock")
 
 
-def is_norm_module(module: nn.Module) -> bool:
-    return isinstance(module, _NormBase)
+def is_dropout_like(module: nn.Module) -> bool:
+    return isinstance(module, _DROPOUT_TYPES) or any(p in type(module).__name__ for p in _DROPOUT_NAME_PARTS)
 
 
-class TorchNormLayer(NormLayer):
-    framework = "torch"
+def _drop_rate(module: nn.Module) -> float:
+    for attribute in ("p", "drop_prob", "rate"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 1.0  # unknown: assume it drops
 
-    def __init__(self, name: str, module: _NormBase):
-        self.name = name
-        self.module = module
 
-    @property
-    def type_name(self) -> str:
-        return type(self.module).__name__
-
-    @property
-    def num_features(self) -> int | None:
-        return int(self.module.num_features)
-
-    @property
-    def momentum(self) -> float | None:
-        return self.module.momentum
-
-    @property
-    def update_weight(self) -> float | None:
-        if self.per_instance and self.module.momentum is None:
-            return 0.0  # F.instance_norm is called with momentum 0 then: the stats never move
-        return self.module.momentum
-
-    @property
-    def eps(self) -> float:
-        return float(self.module.eps)
-
-    @property
-    def tracks_running_stats(self) -> bool:
-        return bool(self.module.track_running_stats) and self.module.running_mean is not None
-
-    @property
-    def per_instance(self) -> bool:
-        return isinstance(self.module, _InstanceNorm)
-
-    @property
-    def params_frozen(self) -> bool:
-        params = [p for p in (self.module.weight, self.module.bias) if p is not None]
-        return bool(params) and not any(p.requires_grad for p in params)
-
-    @property
-    def is_training(self) -> bool:
-        return bool(self.module.training)
-
-    def _buffer(self, name: str) -> torch.Tensor | None:
-        value = getattr(self.module, name, None)
-        if value is None or isinstance(value, nn.parameter.UninitializedBuffer):
-            return None
-        return value.detach().to("cpu", torch.float64)
-
-    def running_mean(self) -> torch.Tensor | None:
-        return self._buffer("running_mean")
-
-    def running_var(self) -> torch.Tensor | None:
-        return self._buffer("running_var")
-
-    def num_batches_tracked(self) -> int | None:
-        if self.per_instance:
-            # F.instance_norm updates running stats but never counts updates: the buffer stays 0.
-            return None
-        value = getattr(self.module, "num_batches_tracked", None)
-        if value is None or isinstance(value, nn.parameter.UninitializedBuffer):
-            return None
-        return int(value.item())
-
-    def add_input_hook(self, fn: Callable[[torch.Tensor], None]):
-        def pre_hook(_module, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
-            if x is not None:
-                fn(x)
-
-        return self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def write_running_stats(self, mean, biased_var, unbiased_var, num_batches: int = 0) -> None:
-        # PyTorch stores the unbiased variance; InstanceNorm stores the mean of per-instance
-        # unbiased variances, which the caller passes in unbiased_var.
-        with torch.no_grad():
-            self.module.running_mean.copy_(mean.to(self.module.running_mean))
-            self.module.running_var.copy_(unbiased_var.to(self.module.running_var))
-            counter = getattr(self.module, "num_batches_tracked", None)
-            if num_batches and counter is not None and not self.per_instance:
-                counter.add_(num_batches)  # the statistics now reflect that many more batches
+def unwrap(model: nn.Module) -> nn.Module:
+    """The eager module that holds the weights: torch.compile, DataParallel and DDP wrap it."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # compiled graphs skip hooks on submodules
+        if not isinstance(inner, nn.Module) and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module  # measured on one device, without DDP's per-forward buffer broadcast
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 @dataclass(frozen=True)
 class _TorchSnapshot:
     training: tuple[bool, ...]
     momenta: tuple[Any, ...]
-    buffers: dict[str, torch.Tensor]
-    device: torch.device | None
+    buffer_objects: tuple[tuple[nn.Module, str, torch.Tensor], ...]
+    buffer_values: tuple[torch.Tensor, ...]
+    parameter_data: tuple[tuple[nn.Parameter, torch.Tensor], ...]
 
 
 class TorchModelAdapter(ModelAdapter):
     framework = "torch"
 
     def __init__(self, model: nn.Module):
+        if isinstance(model, torch.jit.ScriptModule):
+            raise InputError("TorchScript modules are not supported (their compiled forward cannot be observed "
+                             "layer by layer); pass the eager nn.Module the script was made from")
         if not isinstance(model, nn.Module):
-            from ..errors import InputError
-
             raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        # A torch.compile'd module runs a captured graph that skips Python hooks on its
-        # submodules; measure the eager original, which shares its parameters and buffers.
-        original = getattr(model, "_orig_mod", None)
-        if isinstance(original, nn.Module):
-            model = original
-        self.model = model
+        self.model = model = unwrap(model)
         self._modules = list(model.modules())
-        self._norm = [TorchNormLayer(name or "<root>", m) for name, m in model.named_modules() if is_norm_module(m)]
+        found = (make_layer(name or "<root>", m) for name, m in model.named_modules())
+        self._norm: list[TorchLayer] = [layer for layer in found if layer is not None]
+        self._train_flags, self._eval_flags = self._mode_flags()
+        trains = dict(zip(self._modules, self._train_flags))
+        for layer in self._norm:
+            if layer.batch_stats_in_train:  # FrozenBatchNorm never does
+                layer.batch_stats_in_train = trains[layer.module] or not layer.tracks_running_stats
+        self._dropouts = [m for m, flag in trains.items() if flag and is_dropout_like(m) and _drop_rate(m) > 0]
+
+    def _mode_flags(self) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+        """What the user's own model.train() and model.eval() do to every module's flag."""
+        before = [m.training for m in self._modules]
+        try:
+            self.model.train()
+            train = tuple(m.training for m in self._modules)
+            self.model.eval()
+            evaluation = tuple(m.training for m in self._modules)
+        except Exception as error:
+            raise InputError(f"the model's train()/eval() raised {type(error).__name__}: {error}") from error
+        finally:
+            for module, flag in zip(self._modules, before):
+                module.training = flag
+        return train, evaluation
 
     def norm_layers(self) -> list[NormLayer]:
         return list(self._norm)
@@ -139,45 +97,51 @@ class TorchModelAdapter(ModelAdapter):
                 and layer.module.has_uninitialized_params()]
 
     def has_dropout(self) -> bool:
-        return any(isinstance(m, _DROPOUT_TYPES) and m.p > 0 for m in self._modules)
-
-    def _device(self) -> torch.device | None:
-        for tensor in list(self.model.parameters()) + list(self.model.buffers()):
-            if not isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
-                return tensor.device
-        return None
+        return bool(self._dropouts)
 
     def snapshot(self) -> _TorchSnapshot:
-        # Every buffer: the model.train() pass may touch more than norm layers (spectral_norm's u and v).
-        buffers = {name: value.detach().clone() for name, value in self.model.named_buffers()
-                   if value is not None and not isinstance(value, nn.parameter.UninitializedBuffer)}
+        # Every buffer, by object and value: the passes may move the model, swap norm buffers, and
+        # model.train() may touch more than norm layers (spectral_norm's u and v).
+        objects = tuple((module, key, value) for module in self._modules for key, value in module._buffers.items()
+                        if isinstance(value, torch.Tensor) and not isinstance(value, nn.parameter.UninitializedBuffer))
         return _TorchSnapshot(
             training=tuple(m.training for m in self._modules),
-            momenta=tuple(layer.module.momentum for layer in self._norm),
-            buffers=buffers,
-            device=self._device(),
+            momenta=tuple(getattr(layer.module, "momentum", None) for layer in self._norm),
+            buffer_objects=objects,
+            buffer_values=tuple(value.detach().clone() for _m, _k, value in objects),
+            parameter_data=tuple((p, p.data) for p in self.model.parameters()
+                                 if not isinstance(p, nn.parameter.UninitializedParameter)),
         )
 
     def restore(self, snapshot: _TorchSnapshot) -> None:
-        if snapshot.device is not None and self._device() != snapshot.device:
-            self.model.to(snapshot.device)
+        for layer in self._norm:
+            layer.end_session()
+        for parameter, data in snapshot.parameter_data:
+            parameter.data = data  # undoes a move or a memory-format change, keeping the tensors
+        with torch.no_grad():
+            for (module, key, value), saved in zip(snapshot.buffer_objects, snapshot.buffer_values):
+                module._buffers[key] = value
+                value.copy_(saved)
         for module, training in zip(self._modules, snapshot.training):
             module.training = training
-        with torch.no_grad():
-            for layer, momentum in zip(self._norm, snapshot.momenta):
+        for layer, momentum in zip(self._norm, snapshot.momenta):
+            if hasattr(layer.module, "momentum"):
                 layer.module.momentum = momentum
-            for name, value in self.model.named_buffers():
-                saved = snapshot.buffers.get(name)
-                if saved is not None and value is not None:
-                    value.copy_(saved.to(value.device))
 
-    def set_mode(self, mode: ForwardMode, *, keep_eval: frozenset[str] = frozenset()) -> None:
-        self.model.train(mode is ForwardMode.FULL_TRAIN)
+    def set_mode(self, mode: ForwardMode, *, batch_stats: frozenset[str] | None = None) -> None:
+        flags = self._eval_flags if mode is ForwardMode.EVAL else self._train_flags
+        for module, flag in zip(self._modules, flags):
+            module.training = flag
+        if mode is ForwardMode.NORM_TRAIN:
+            for module in self._dropouts:
+                module.training = False
         for layer in self._norm:
-            layer.module.train(mode is not ForwardMode.EVAL and layer.name not in keep_eval)
-            if mode is not ForwardMode.EVAL:
-                # momentum 0 makes the EMA update a no-op: running = 1*running + 0*batch.
-                layer.module.momentum = 0.0
+            if mode is ForwardMode.EVAL:
+                layer.use_live()
+                continue
+            training = layer.batch_stats_in_train if batch_stats is None else layer.name in batch_stats
+            layer.module.training = training
+            layer.use_scratch() if training else layer.use_live()
 
     def save(self, path) -> None:
         """A state_dict: safetensors for ``.safetensors`` paths, else ``torch.save``."""
@@ -193,6 +157,15 @@ class TorchModelAdapter(ModelAdapter):
         else:
             torch.save(self.model.state_dict(), path)
 
+    def clone_model(self) -> Any:
+        import copy
+
+        try:
+            return copy.deepcopy(self.model)
+        except Exception as error:  # a lock, an old-style weight_norm hook, an open file
+            raise InputError(f"cannot copy the model ({type(error).__name__}: {error}); recalibrate it in place "
+                             "instead (inplace=True)") from error
+
     def forward(self, inputs: Any) -> Any:
         if isinstance(inputs, dict):
             return self.model(**inputs)
@@ -200,19 +173,25 @@ class TorchModelAdapter(ModelAdapter):
             return self.model(*inputs)
         return self.model(inputs)
 
-    def move_to(self, device: torch.device) -> None:
-        if self._device() != device:
+    def move_to(self, device: torch.device, *, channels_last: bool = False) -> None:
+        current = next((t.device for t in self.model.parameters()), None)
+        if current != device:
             self.model.to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
-    def prepare_inputs(self, inputs: Any, device: torch.device) -> Any:
-        return _to_device(inputs, device)
+    def prepare_inputs(self, inputs: Any, device: torch.device, *, channels_last: bool = False) -> Any:
+        return _to_device(inputs, device, channels_last)
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def _to_device(value: Any, device: torch.device, channels_last: bool) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.dim() == 4 and value.is_floating_point():
+            value = value.contiguous(memory_format=torch.channels_last)
+        return value
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, channels_last) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(_to_device(v, device, channels_last) for v in value)
     return value

@@ -51,3 +51,35 @@ def momentum_text(layer) -> str:
 
 def shown_layers(layers, options):
     return list(layers) if options.all_layers else list(layers)[: options.top]
+
+
+def interval_text(gate) -> str:
+    """The gated metric's 95% interval, in the gate's own units."""
+    if gate.interval is None:
+        return ""
+    low, high = gate.interval
+    if gate.metric == "accuracy":
+        return f"{low * 100:+.1f} to {high * 100:+.1f} pts"
+    return f"{pct(low)} to {pct(high)}"
+
+
+def data_text(data) -> str:
+    """Samples, batches and how they were drawn, on one line."""
+    text = (f"{data.num_samples} samples in {data.num_batches} batch{'' if data.num_batches == 1 else 'es'}"
+            f"{f' of {data.batch_size}' if data.batch_size else ''}"
+            f" ({'seeded shuffle, seed ' + str(data.seed) if data.reshuffled else 'batches as your loader yields them'})")
+    if data.world_size > 1:
+        text += f", sharded over {data.world_size} processes"
+    return text
+
+
+def stopped_text(data) -> str | None:
+    if not data.stopped_early:
+        return None
+    of = f" of {data.num_samples_available}" if data.num_samples_available else ""
+    return f"stopped after {data.num_samples}{of} samples: verdict settled (--quick)"
+
+
+def train_stats_text(layer) -> str:
+    """What the layer normalises with under model.train(): its batch, or its running statistics."""
+    return "batch" if layer.batch_stats_in_train else "running"

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from . import RenderOptions
-from .format import bar, gate_text, momentum_text, num, pct, shown_layers, signed_points
+from .format import bar, data_text, gate_text, interval_text, momentum_text, num, pct, shown_layers, signed_points, \
+    stopped_text, train_stats_text
 
 
 def _escape(text: str) -> str:
@@ -26,8 +27,10 @@ class MarkdownRenderer:
     def diagnosis(self, report) -> str:
         icon = "✅" if report.passed else "❌"
         m = report.metrics
+        interval = f" (95% interval {interval_text(report.gate)})" if report.gate.interval is not None else ""
+        stopped = f" {stopped_text(report.data)}." if stopped_text(report.data) else ""
         lines = [f"## {icon} bncheck: {report.verdict.value.upper()}", "",
-                 f"{gate_text(report.gate)}; {report.data.num_samples} samples, task {report.task}.", "",
+                 f"{gate_text(report.gate)}{interval}; {data_text(report.data)}, task {report.task}.{stopped}", "",
                  "| mode | loss | accuracy |", "|---|---:|---:|",
                  f"| eval (running stats) | {num(m.eval.loss)} | {pct(m.eval.accuracy)} |",
                  f"| train-mode BN (dropout off) | {num(m.train.loss)} | {pct(m.train.accuracy)} |"]
@@ -39,12 +42,13 @@ class MarkdownRenderer:
         if shown:
             scale = max((l.drift or 0.0) for l in shown) or 1.0
             lines += [f"### Norm layers by drift ({len(shown)} of {len(report.layers)})", "",
-                      "| layer | type | drift | | mean shift max | var ratio max | momentum | batches |",
-                      "|---|---|---:|---|---:|---:|---:|---:|"]
+                      "| layer | type | drift | | mean shift max | var ratio max | momentum | batches | in train |",
+                      "|---|---|---:|---|---:|---:|---:|---:|---|"]
             for l in shown:
                 lines.append(f"| `{l.name}` | {l.type} | {num(l.drift, 3)} | `{bar(l.drift, scale, 12)}` | "
                              f"{num(l.mean_shift_max, 3)} | {num(l.var_ratio_max, 3)} | {momentum_text(l)} | "
-                             f"{'n/a' if l.num_batches_tracked is None else l.num_batches_tracked} |")
+                             f"{'n/a' if l.num_batches_tracked is None else l.num_batches_tracked} | "
+                             f"{train_stats_text(l)} |")
             lines.append("")
         lines += ["### Findings", ""] + _findings(report.findings) + [""]
         lines += [f"_note: {note}_" for note in report.notes]
@@ -67,6 +71,8 @@ class MarkdownRenderer:
         for row in result.evaluations:
             lines.append(f"| {row.data} | {num(row.before.loss)} | {num(row.after.loss)} | "
                          f"{pct(row.before.accuracy)} | {pct(row.after.accuracy)} |")
+        for layer in result.kept_layers:
+            lines.append(f"\nKept `{layer.name}`: {layer.reason}.")
         if result.output_path:
             lines += ["", f"Wrote `{result.output_path}`."]
         return "\n".join(lines) + "\n"

@@ -8,11 +8,19 @@ from rich.table import Table
 from rich.text import Text
 
 from . import RenderOptions
-from .format import bar, drift_style, gate_text, momentum_text, num, pct, shown_layers, signed_points
+from .format import (bar, data_text, drift_style, gate_text, interval_text, momentum_text, num, pct, shown_layers,
+                     signed_points, stopped_text, train_stats_text)
 
 def _tidy(text: str) -> str:
     """rich pads some lines to the console width; trailing spaces only get in the way of diffs."""
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+def _kept_by_reason(kept) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for layer in kept:
+        grouped.setdefault(layer.reason, []).append(layer.name)
+    return grouped
 
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -32,11 +40,9 @@ class TerminalRenderer:
         console, buffer = self._console()
         verdict = Text("PASS", style="bold green") if report.passed else Text("FAIL", style="bold red")
         console.print(Text.assemble("bncheck diagnose: ", verdict, f"  {gate_text(report.gate)}"))
-        d = report.data
-        console.print(f"{d.num_samples} samples in {d.num_batches} batch{'' if d.num_batches == 1 else 'es'}"
-                      f"{f' of {d.batch_size}' if d.batch_size else ''}"
-                      f" ({'seeded shuffle, seed ' + str(d.seed) if d.reshuffled else 'batches as your loader yields them'})"
-                      f", task: {report.task}, device: {report.device}", style="dim")
+        console.print(f"{data_text(report.data)}, task: {report.task}, device: {report.device}", style="dim")
+        if stopped_text(report.data):
+            console.print(stopped_text(report.data), style="dim")
         metrics = Table(title="Eval mode vs train-mode BatchNorm", title_justify="left")
         metrics.add_column("mode")
         metrics.add_column("loss", justify="right")
@@ -49,6 +55,9 @@ class TerminalRenderer:
                             pct(m.train_with_dropout.accuracy), style="dim")
         metrics.add_row("gap", num(report.gap.loss), signed_points(report.gap.accuracy), style="bold")
         console.print(metrics)
+        if report.gate.interval is not None:
+            console.print(f"95% interval of the {report.gate.metric.replace('_', ' ')} gap: "
+                          f"{interval_text(report.gate)}", style="dim")
         if report.agreement is not None:
             console.print(f"train/eval prediction agreement {pct(report.agreement)}, "
                           f"mean output divergence {num(report.output_divergence, 3)}", style="dim")
@@ -77,14 +86,14 @@ class TerminalRenderer:
         # Names stay whole where they fit; the type and the headers give way first.
         table.add_column("layer", overflow="fold", min_width=min(max(len(l.name) for l in shown), 40))
         table.add_column("type", overflow="fold")
-        for column in ("drift", "", "shift", "var ratio", "momentum", "updates"):
+        for column in ("drift", "", "shift", "var ratio", "momentum", "updates", "train"):
             table.add_column(column, justify="left" if column == "" else "right")
         if attribution:
             table.add_column("recovers", justify="right")
         for l in shown:
             row = [l.name, l.type, num(l.drift, 3), Text(bar(l.drift, scale, 10), style=drift_style(l.drift)),
                    num(l.mean_shift_max, 3), num(l.var_ratio_max, 3), momentum_text(l),
-                   "n/a" if l.num_batches_tracked is None else str(l.num_batches_tracked)]
+                   "n/a" if l.num_batches_tracked is None else str(l.num_batches_tracked), train_stats_text(l)]
             if attribution:
                 row.append(pct(l.attribution.recovered_share) if l.attribution else "")
             table.add_row(*row)
@@ -136,9 +145,9 @@ class TerminalRenderer:
             table.add_row(row.data, num(row.before.loss), num(row.after.loss), pct(row.before.accuracy),
                           pct(row.after.accuracy))
         console.print(table)
-        if result.skipped_frozen:
-            console.print(f"kept {len(result.skipped_frozen)} frozen layers as they were "
-                          "(--include-frozen recomputes them too)", style="dim")
+        for reason, names in _kept_by_reason(result.kept_layers).items():
+            console.print(f"kept {len(names)} layer{'' if len(names) == 1 else 's'} as they were "
+                          f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}): {reason}", style="dim")
         if result.output_path:
             console.print(f"wrote {result.output_path}", style="green")
         return _tidy(buffer.getvalue())
