@@ -127,7 +127,7 @@ class Session:
         for recorder in self.recorders:
             recorder.activate(mode, *also_record)
         try:
-            with run.adapter.autocast(run.device, run.amp_dtype):
+            with _dropout_rng(mode, run, index), run.adapter.autocast(run.device, run.amp_dtype):
                 raw = _forward(run.adapter, inputs, index)
         finally:
             for recorder in self.recorders:
@@ -135,6 +135,22 @@ class Session:
         scoring = run.scoring
         return select_output(run.adapter.output_to_tensor(raw), output_index=scoring.output_index,
                              output_key=scoring.output_key)
+
+
+def _dropout_rng(mode: ForwardMode, run: Run, index: int):
+    """Dropout masks seeded by the plan's seed and the batch, so they do not depend on how batches are
+    shared between processes; the caller's random state is put back afterwards."""
+    if mode is not ForwardMode.FULL_TRAIN or run.framework != "torch":
+        return contextlib.nullcontext()
+    devices = [run.device] if run.device.type == "cuda" else []
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=devices))
+    seed = (run.plan.seed * 1_000_003 + index) % 2**63
+    torch.random.default_generator.manual_seed(seed)
+    if devices:
+        with torch.cuda.device(run.device):
+            torch.cuda.manual_seed(seed)
+    return stack
 
 
 def _isolate_sync_batchnorm(run: Run, stack: contextlib.ExitStack) -> None:
