@@ -214,11 +214,17 @@ def _kernel_is_exact(x: torch.Tensor) -> bool:
 
 class FrozenNormLayer(TorchLayer):
     """Running statistics applied in both modes: they cannot cause a train/eval gap, but their drift
-    against the data shows a preprocessing or domain mismatch."""
+    against the data shows a preprocessing or domain mismatch. To recompute them (``--include-frozen``)
+    the statistics pass normalises them with batch statistics, as a BatchNorm in train mode would, so
+    the layers after them see what they will see once the statistics are exact."""
 
     batch_stats_in_train = False
     momentum = None
     update_weight = 0.0
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__(name, module)
+        self._batch_hook = None
 
     @property
     def params_frozen(self) -> bool:
@@ -227,6 +233,28 @@ class FrozenNormLayer(TorchLayer):
     @property
     def is_training(self) -> bool:
         return False
+
+    def use_scratch(self) -> None:
+        if self._batch_hook is None:
+            self._batch_hook = self.module.register_forward_hook(_normalise_with_batch_stats)
+
+    def use_live(self) -> None:
+        self.end_session()
+
+    def end_session(self) -> None:
+        super().end_session()
+        if self._batch_hook is not None:
+            self._batch_hook.remove()
+            self._batch_hook = None
+
+
+def _normalise_with_batch_stats(module, args, _output):
+    x = args[0]
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (x - mean) * torch.rsqrt(var + getattr(module, "eps", 1e-5)) * module.weight.view(shape) \
+        + module.bias.view(shape)
 
 
 class RunningStatsLayer(TorchLayer):
