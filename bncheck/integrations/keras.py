@@ -61,7 +61,7 @@ class BNCheckCallback(keras.callbacks.Callback):
         if self.check.on_fail is OnFail.STOP:
             self.model.stop_training = True
             message += " Training stops (on_fail='stop')."
-        warnings.warn(message, BNCheckWarning, stacklevel=2)
+        warnings.warn(message, BNCheckWarning)
 
 
 def _as_tensors(data: Any) -> Any:

@@ -83,7 +83,7 @@ class BNCheckCallback(pl.Callback):
             trainer.should_stop = True
             message += " Training stops (on_fail='stop')."
         if trainer.is_global_zero:
-            warnings.warn(message, BNCheckWarning, stacklevel=2)
+            warnings.warn(message, BNCheckWarning)
 
 
 __all__ = ["BNCheckCallback"]
