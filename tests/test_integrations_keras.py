@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from bncheck.errors import BatchNormCheckFailed, InputError  # noqa: E402
 from bncheck.integrations import BNCheckWarning  # noqa: E402
 from bncheck.integrations.keras import BNCheckCallback  # noqa: E402
-from conftest import image_data  # noqa: E402
+from conftest import image_data, readme_python_block  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras vs numpy 2
 WELL_TRAINED_EPOCHS = 10   # 80 steps of batch 32 on a cosine schedule
@@ -120,3 +120,14 @@ def test_the_model_and_the_training_run_are_untouched():
 def test_bad_arguments_are_refused_at_construction(arguments, complaint):
     with pytest.raises(InputError, match=complaint):
         BNCheckCallback(**{"validation_data": VALIDATION, **arguments})
+
+
+def test_the_readme_example_stops_with_the_finding(capsys):
+    namespace = {"__name__": "readme"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BNCheckWarning)
+        exec(compile(readme_python_block("from bncheck.integrations.keras import"), "README.md", "exec"), namespace)
+    messages = [str(w.message) for w in caught if issubclass(w.category, BNCheckWarning)]
+    assert len(messages) == 1 and "stats-not-converged" in messages[0]
+    history = namespace["history"].history
+    assert history["bncheck_passed"] == [0.0] and len(history["loss"]) == 1  # stopped after epoch 1

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from bncheck.errors import BatchNormCheckFailed, BncheckError, InputError  # noqa: E402
 from bncheck.integrations import BNCheckWarning  # noqa: E402
 from bncheck.integrations.lightning import BNCheckCallback  # noqa: E402
+from conftest import readme_python_block  # noqa: E402
 from lightning_net import LitConvNet, loaders, trainer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
@@ -145,6 +146,16 @@ def test_a_module_without_validation_step_is_told_the_callback_never_runs():
 def test_bad_arguments_are_refused_at_construction(arguments, complaint):
     with pytest.raises(InputError, match=complaint):
         BNCheckCallback(**arguments)
+
+
+def test_the_readme_example_stops_with_the_finding(capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BNCheckWarning)
+        exec(compile(readme_python_block("from bncheck.integrations.lightning import"), "README.md", "exec"), {"__name__": "readme"})
+    messages = [str(w.message) for w in caught if issubclass(w.category, BNCheckWarning)]
+    assert len(messages) == 1 and "stats-not-converged" in messages[0]
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line.startswith("1 {") and "'bncheck/passed': 0.0" in last_line  # stopped after epoch 0
 
 
 def test_importing_bncheck_loads_no_training_framework():
