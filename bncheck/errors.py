@@ -39,11 +39,19 @@ class OutputExistsError(InputError):
 
 
 class BackendError(InputError):
-    """An optional framework (torchvision, timm, keras, safetensors) is missing or misconfigured."""
+    """An optional framework (torchvision, timm, keras, lightning, safetensors) is missing or misconfigured."""
 
 
 class ForwardError(InputError):
     """The model's forward pass raised on the user's data."""
+
+
+class BatchNormCheckFailed(BncheckError):
+    """A training-loop callback with ``on_fail="raise"`` found a discrepancy; ``report`` holds the diagnosis."""
+
+    def __init__(self, message: str, report=None):  # report optional: exceptions are re-created from args
+        super().__init__(message)
+        self.report = report
 
 
 def summarize(error: BaseException, limit: int = 300) -> str:

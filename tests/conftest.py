@@ -54,6 +54,15 @@ def as_batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int) -> list
     return list(zip(x.split(batch_size), y.split(batch_size)))
 
 
+def readme_python_block(needle: str) -> str:
+    """The README's ```python example that contains ``needle``, so tests can run it as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [block.split("```")[0] for block in text.split("```python\n")[1:]]
+    return next(block for block in blocks if needle in block)
+
+
 # --------------------------------------------------------------------------- models
 
 
