@@ -192,8 +192,6 @@ def test_ddp_training_finishes_and_only_rank_zero_warns(ddp_ranks):
     assert zero["logged"] == one["logged"] and zero["logged"]["bncheck/passed"] == 0.0
 
 
-@pytest.mark.xfail(strict=False, reason="needs bncheck.diagnose to shard over the process group and combine "
-                                        "statistics across ranks; today each rank diagnoses its own shard")
 def test_ddp_ranks_diagnose_the_whole_validation_set_identically(ddp_ranks):
     zero, one = ddp_ranks
     assert zero["world_size"] == one["world_size"] == 2
