@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from .errors import BncheckError, DistributedError, RankFailedError, summarize
 
 DEFAULT_TIMEOUT_S = 1800.0
+_SOURCE_LOCATION = re.compile(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*")  # gloo's "[.../pair.cc:545] "
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ class World:
         try:
             dist.all_gather_object(gathered, envelope, group=self.group)
         except RuntimeError as error:  # a timeout, or a peer that went away
-            raise DistributedError(f"rank {self.rank}: lost contact with the other processes "
-                                   f"({summarize(error, 160)}); one of them may have stopped") from error
+            reason = _SOURCE_LOCATION.sub("", summarize(error, 400))[:160]
+            raise DistributedError(f"rank {self.rank}: lost contact with the other processes ({reason}); "
+                                   "one of them may have stopped") from error
         return gathered
 
     @contextlib.contextmanager

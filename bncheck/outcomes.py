@@ -137,10 +137,11 @@ class OutcomeMeter:
         labels = class_labels(self.task, targets)
         if labels is None:
             return
-        self._add("labels.share", majority_share(labels))
+        classes = max(num_outputs, 2)
+        self._add("labels.share", majority_share(labels, classes))
         self._host_sums["labels.batches"] += 1
         if self._seen is None:
-            self._seen = torch.zeros(max(num_outputs, 2), dtype=torch.bool, device=self.device)
+            self._seen = torch.zeros(classes, dtype=torch.bool, device=self.device)
         self._seen[labels.long().clamp(0, len(self._seen) - 1)] = True
 
     def add_eval_finiteness(self, eval_out: torch.Tensor) -> None:

@@ -80,16 +80,23 @@ def moments_of_groups(counts: list[float], means: torch.Tensor, unbiased_vars: t
                       ) -> tuple[Moments, torch.Tensor]:
     """Exact moments of ``K`` groups given per group ``n_k``, mean and unbiased variance ``(K, C)``.
 
-    Returns the total moments and the within-group sum ``sum_k M2_k``. The total mean is
-    formed first, so ``M2 = sum_k M2_k + sum_k n_k (mean_k - mean)^2`` has no cancellation.
+    Returns the total moments and the within-group sum ``sum_k M2_k``. Groups of equal size are
+    combined at once, their mean first, so ``M2 = sum_k M2_k + n sum_k (mean_k - mean)^2`` has no
+    cancellation; groups of different sizes then merge with Chan's formula. Counts stay Python
+    numbers, so nothing is copied between host and device.
     """
-    means = means.to(torch.float64)
-    n = torch.tensor(counts, dtype=torch.float64).to(means.device, non_blocking=True)[:, None]
-    total = float(sum(counts))
-    mean = (n * means).sum(0) / total
-    within = ((n - 1) * unbiased_vars.to(torch.float64)).sum(0)
-    m2 = within + (n * (means - mean).pow(2)).sum(0)
-    return Moments(total, mean, m2), within
+    means, unbiased_vars = means.to(torch.float64), unbiased_vars.to(torch.float64)
+    total, within = None, None
+    for count in sorted(set(counts)):
+        rows = [i for i, c in enumerate(counts) if c == count]
+        group_means = means[rows] if len(rows) < len(counts) else means
+        group_vars = unbiased_vars[rows] if len(rows) < len(counts) else unbiased_vars
+        mean = group_means.mean(0)
+        group_within = group_vars.sum(0) * (count - 1)
+        m2 = group_within + (group_means - mean).pow(2).sum(0) * count
+        total = merge(total, Moments(count * len(rows), mean, m2))
+        within = group_within if within is None else within + group_within
+    return total, within
 
 
 def merge(a: Moments | None, b: Moments) -> Moments:

@@ -192,7 +192,10 @@ def class_labels(task: Task, targets: torch.Tensor | None) -> torch.Tensor | Non
     return labels if labels.dim() == 1 and labels.numel() >= 2 else None
 
 
-def majority_share(labels: torch.Tensor) -> torch.Tensor:
-    """Share of a batch taken by its most common class (1.0 means single-class), on the device."""
-    counts = torch.bincount(labels.long().clamp_min(0))
-    return counts.max().double() / labels.numel()
+def majority_share(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Share of a batch taken by its most common class (1.0 means single-class), on the device
+    (a scatter rather than bincount, whose output size would have to be read from the device)."""
+    index = labels.long().clamp(0, num_classes - 1)
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=labels.device)
+    counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    return counts.max() / labels.numel()

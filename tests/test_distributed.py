@@ -63,6 +63,8 @@ def samples():
 def get_dataloader():
     if os.environ.get("FAIL_ON_RANK", "none") == os.environ.get("RANK"):
         raise RuntimeError("this rank cannot read its data")
+    if os.environ.get("DIE_ON_RANK", "none") == os.environ.get("RANK"):
+        os._exit(9)  # killed: it never reaches an exchange
     return DataLoader(samples(), batch_size=16)  # 11 batches: uneven shards of 6 and 5
 '''
 
@@ -187,6 +189,15 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_line(workdir):
         assert code == 2 and out == "", err
         assert len(lines) == 1 and "cannot read its data" in lines[0], err
     assert "rank 1 failed" in results[0][2]
+
+
+def test_a_rank_that_dies_never_leaves_the_others_hanging(workdir):
+    argv = [sys.executable, "-m", "bncheck", "diagnose", "model.py", "--device", "cpu", "--dist-timeout", "20"]
+    (code0, out0, err0), (code1, _, _) = launch(argv, workdir, timeout=120, DIE_ON_RANK="1")
+    assert code1 == 9
+    lines = [line for line in err0.splitlines() if not line.startswith("forwards=")]
+    assert code0 == 2 and out0 == "" and len(lines) == 1, err0
+    assert "other processes" in lines[0]
 
 
 def test_quick_stops_at_the_same_verdict_across_processes(workdir):

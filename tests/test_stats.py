@@ -17,6 +17,7 @@ from bncheck.stats import (
     merge,
     merge_all,
     moments_of,
+    moments_of_groups,
     per_instance_moments,
 )
 from conftest import channel_moments
@@ -107,6 +108,25 @@ def test_any_uneven_split_gives_the_same_moments(n, cuts, seed, scale, offset):
     # and both agree with the independent reference
     torch.testing.assert_close(whole.variance(unbiased=True), channel_moments(x)[2], rtol=1e-10,
                                atol=1e-10 * scale**2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=2, max_value=9), min_size=1, max_size=7),
+       seed=st.integers(min_value=0, max_value=2**16), offset=st.floats(min_value=-50, max_value=50))
+def test_groups_from_per_batch_mean_and_unbiased_variance_merge_exactly(sizes, seed, offset):
+    """What BatchNorm's kernel reports per batch (mean, unbiased variance) merges into the
+    moments of the concatenated batches, for any mix of batch sizes."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(n, 3, 2, generator=g, dtype=torch.float64) * 2 + offset for n in sizes]
+    counts = [float(b.shape[0] * 2) for b in batches]
+    means = torch.stack([channel_moments(b)[0] for b in batches])
+    variances = torch.stack([channel_moments(b)[2] for b in batches])
+    total, within = moments_of_groups(counts, means, variances)
+    whole = moments_of(torch.cat(batches))
+    assert total.count == whole.count
+    torch.testing.assert_close(total.mean, whole.mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(total.m2, whole.m2, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(within, sum(moments_of(b).m2 for b in batches), rtol=1e-9, atol=1e-9)
 
 
 def test_per_instance_moments_rows_are_instance_channel_pairs():
