@@ -21,6 +21,30 @@ def _stats_corrupt(mean: torch.Tensor | None, var: torch.Tensor | None) -> bool:
     return not (finite and (mean is None or bool(torch.isfinite(mean).all())))
 
 
+def _compare(layer: NormLayer, stats: LayerInputStats | None, running_mean, running_var):
+    """Drift metrics against exact statistics in the layer's own convention, and per-channel values."""
+    if stats is None or running_var is None or running_var.shape != stats.mean.shape:
+        return None, None
+    # PyTorch keeps unbiased variances (InstanceNorm: the mean of per-instance ones), Keras the biased
+    # one. A layer that keeps only a running variance (EvoNorm) is compared on its variance alone.
+    target_var = stats.var_unbiased if layer.stores_unbiased_variance else stats.var
+    compared_mean = stats.mean if running_mean is None else running_mean
+    metrics = drift_metrics(stats.mean, target_var, compared_mean, running_var, layer.eps)
+    channels = None
+    if running_mean is not None:
+        channels = ChannelStats(tuple(stats.mean.tolist()), tuple(stats.var.tolist()),
+                                tuple(stats.var_unbiased.tolist()), tuple(running_mean.tolist()),
+                                tuple(running_var.tolist()))
+    return metrics, channels
+
+
+def _dropout_ratio(layer: NormLayer, dropout_stats, base) -> float | None:
+    """Input variance with dropout on over off, on the same batches."""
+    if dropout_stats is None or base is None:
+        return None
+    return _mean((dropout_stats.var + layer.eps) / (base.var + layer.eps))
+
+
 def measure_layer(
     layer: NormLayer,
     stats: LayerInputStats | None,
@@ -33,31 +57,13 @@ def measure_layer(
 ) -> LayerReport:
     running_mean, running_var = layer.running_mean(), layer.running_var()
     nbt = layer.num_batches_tracked()
-    shift = ratio = drift = None
-    channels = None
+    metrics, channels = _compare(layer, stats, running_mean, running_var)
+    shift, ratio, drift = (None, None, None) if metrics is None else (metrics.mean_shift, metrics.var_ratio,
+                                                                      metrics.drift)
     spread = None
-    if stats is not None and running_var is not None and running_var.shape == stats.mean.shape:
-        # Compare with what exact statistics would store in this layer's convention: PyTorch keeps
-        # unbiased variances (InstanceNorm: the mean of per-instance ones), Keras the biased one.
-        # A layer that keeps only a running variance (EvoNorm) is compared on its variance alone.
-        target_var = stats.var_unbiased if layer.stores_unbiased_variance else stats.var
-        compared_mean = stats.mean if running_mean is None else running_mean
-        metrics = drift_metrics(stats.mean, target_var, compared_mean, running_var, layer.eps)
-        shift, ratio, drift = metrics.mean_shift, metrics.var_ratio, metrics.drift
-        if running_mean is not None:
-            channels = ChannelStats(
-                true_mean=tuple(stats.mean.tolist()),
-                true_var=tuple(stats.var.tolist()),
-                true_var_unbiased=tuple(stats.var_unbiased.tolist()),
-                running_mean=tuple(running_mean.tolist()),
-                running_var=tuple(running_var.tolist()),
-            )
     if stats is not None and not layer.per_instance:
         spread = _mean(torch.sqrt(stats.batch_mean_dispersion / (stats.var + layer.eps)))
-    dropout_ratio = None
-    base = dropout_base if dropout_base is not None else stats  # dropout off on the same batches
-    if dropout_stats is not None and base is not None:
-        dropout_ratio = _mean((dropout_stats.var + layer.eps) / (base.var + layer.eps))
+    dropout_ratio = _dropout_ratio(layer, dropout_stats, dropout_base if dropout_base is not None else stats)
     if layer.framework == "keras":
         initial_weight = None if nbt is None else (layer.momentum or 0.0) ** nbt
     else:
