@@ -185,8 +185,37 @@ class _SeededBatches:
         mine = list(range(rank, len(chunks), size))
         if not mine:
             return
+        direct = _direct_batches(self.dataset, self.loader_kwargs)
+        if direct is not None:
+            yield from ((i, direct(chunks[i])) for i in mine)
+            return
         loader = DataLoader(self.dataset, batch_sampler=[chunks[i] for i in mine], **self.loader_kwargs)
         yield from zip(mine, loader)
+
+
+def _direct_batches(dataset, loader_kwargs: dict):
+    """In-memory tensors batch by indexing (what the default collate would stack, sample by sample)."""
+    from torch.utils.data import default_collate
+
+    if loader_kwargs.get("num_workers", 0) or loader_kwargs.get("collate_fn", default_collate) is not default_collate:
+        return None
+    base = None
+    if isinstance(dataset, Subset):
+        dataset, base = dataset.dataset, torch.as_tensor(dataset.indices)
+    if isinstance(dataset, TensorDataset):
+        tensors, bare = dataset.tensors, False
+    elif isinstance(dataset, UnlabelledDataset) and isinstance(dataset.inputs, torch.Tensor):
+        tensors, bare = (dataset.inputs,), True
+    else:
+        return None
+    pin = loader_kwargs.get("pin_memory", False)
+
+    def batch(chunk: list[int]):
+        index = torch.as_tensor(chunk) if base is None else base[chunk]
+        parts = [t[index].pin_memory() if pin else t[index] for t in tensors]
+        return parts[0] if bare else parts
+
+    return batch
 
 
 class _GivenBatches:

@@ -266,7 +266,7 @@ def main():
                    "for tasks without accuracy, the relative loss gap [default: 0.10].")
 @click.option("--quick", is_flag=True, envvar="BNCHECK_QUICK",
               help="Stop as soon as the gap's interval lies wholly above or below --max-gap.")
-@click.option("--dropout-batches", type=click.IntRange(min=0), default=2, show_default=True,
+@click.option("--dropout-batches", type=click.IntRange(min=0), default=1, show_default=True,
               help="Batches model.train() with dropout on runs on (for the dropout note); 0 skips it.")
 @click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
 @click.option("--output-key", help="Which key or attribute of the output holds the predictions.")

@@ -17,7 +17,7 @@ from .outcomes import EVAL, TRAIN, mode_metrics
 from .report import DataSummary, Gate, LayerReport, MetricsSet, Report, Verdict
 from .run import Run, RunOptions, resolve_run
 
-DEFAULT_DROPOUT_BATCHES = 2   # batches the training mode with dropout on runs on (it feeds the dropout note)
+DEFAULT_DROPOUT_BATCHES = 1   # batches the training mode with dropout on runs on (it feeds the dropout note)
 
 
 def diagnose(

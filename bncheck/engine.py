@@ -45,6 +45,7 @@ class PassSpec:
     batch_stats: frozenset[str] | None = None
     stop: StopRule | None = None
     limit: int | None = None
+    scored: tuple[ForwardMode, ...] | None = None   # modes whose outputs are scored (None: every mode)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class PassResult:
 
     @property
     def num_samples(self) -> int:
-        return int(self.outcomes.get(f"{EVAL}.samples") or self.outcomes.get(f"{TRAIN}.samples"))
+        return int(self.outcomes.get("samples"))
 
 
 class LayerRecorder:
@@ -238,14 +239,15 @@ class LocalPass:
             self.task = _infer_task(first, targets, run.scoring.loss_fn)
             self.meter = OutcomeMeter(self.task, first.device)
         self._score(outputs, targets, size, index)
-        self.meter.end_batch()
+        self.meter.end_batch(size)
         self.batches += 1
         self.checks.maybe_flush(self.batches)
 
     def _score(self, outputs: dict, targets: Any, size: int, index: int) -> None:
         meter = self.meter
+        scored = self.spec.scored or tuple(outputs)
         scores = {mode: _score(self.task, out, targets, self.run.scoring.loss_fn, index)
-                  for mode, out in outputs.items()}
+                  for mode, out in outputs.items() if mode in scored}
         for mode, score in scores.items():
             meter.add_mode(_MODE_KEYS[mode], score, size)
         if ForwardMode.FULL_TRAIN in scores and ForwardMode.NORM_TRAIN in scores:

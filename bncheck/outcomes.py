@@ -147,8 +147,9 @@ class OutcomeMeter:
     def add_eval_finiteness(self, eval_out: torch.Tensor) -> None:
         self._nonfinite_eval += (~torch.isfinite(eval_out.float())).any().long()
 
-    def end_batch(self) -> None:
+    def end_batch(self, samples: int) -> None:
         self._batches += 1
+        self._host_sums["samples"] += samples
 
     def partial(self) -> Outcomes:
         """The sums so far, moved to the CPU in one go."""

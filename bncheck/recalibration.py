@@ -119,7 +119,7 @@ def _recalibrate(run: Run, chosen: list[NormLayer], kept, val_data, evaluate: bo
     modes = (ForwardMode.EVAL, ForwardMode.NORM_TRAIN) if evaluate else (ForwardMode.NORM_TRAIN,)
     # Kept layers normalise with their running statistics, as they will in eval mode, so the
     # layers after them see the inputs they will see then.
-    measured = run_pass(run, PassSpec(modes, batch_stats=names), progress)
+    measured = run_pass(run, PassSpec(modes, batch_stats=names, scored=(ForwardMode.EVAL,)), progress)
     val_run = dataclasses.replace(run, plan=_val_plan(run, val_data)) if evaluate and val_data is not None else None
     val_before = _evaluate(val_run) if val_run else None
     for layer in chosen:

@@ -88,7 +88,7 @@ dataset = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 3,
 ''')
     _, default = run_json("diagnose", str(path))
     _, skipped = run_json("diagnose", str(path), "--dropout-batches", "0")
-    assert default["metrics"]["train_with_dropout"]["num_samples"] == 64  # two batches of 32
+    assert default["metrics"]["train_with_dropout"]["num_samples"] == 32  # the first batch
     assert skipped["metrics"]["train_with_dropout"] is None
 
 

@@ -119,7 +119,7 @@ class FailsMidway(nn.Module):
 @pytest.mark.parametrize(
     "fail_at, how, error",
     [
-        (4, "raise", ForwardError),         # 2nd batch, eval-mode forward (3 forwards per batch with dropout)
+        (4, "raise", ForwardError),         # 2nd batch, eval-mode forward (3 forwards per dropout batch)
         (5, "raise", ForwardError),         # 2nd batch, train-mode forward, after bn1 ran in train mode
         (6, "shape", ShapeMismatchError),   # 2nd batch, full train mode
         (5, "nan", NonFiniteError),
@@ -134,7 +134,7 @@ def test_state_is_restored_when_the_forward_fails_midway(blobs, hand_over, fail_
     model.train(hand_over == "train")
     before = model_state(model)
     with pytest.raises(error) as info:
-        diagnose(model, as_batches(x, y, 16))
+        diagnose(model, as_batches(x, y, 16), dropout_batches=2)
     if isinstance(info.value, BncheckError) and how != "nan":
         assert "batch 1" in str(info.value)
     assert model.calls == fail_at  # it really failed on the 2nd batch, not before

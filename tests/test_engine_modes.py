@@ -157,7 +157,7 @@ def test_train_mode_is_model_train_with_dropout_and_stochastic_depth_off():
         for xb, yb in bncheck.batches.plan_batches((x, y), batch_size=32).batches:
             correct += int((clone(xb).argmax(1) == yb).sum())
     assert report.metrics.train.accuracy == pytest.approx(correct / len(y), abs=1e-12)
-    assert report.metrics.train_with_dropout is not None and report.metrics.train_with_dropout.num_samples == 64
+    assert report.metrics.train_with_dropout is not None and report.metrics.train_with_dropout.num_samples == 32
 
 
 class NormEval(nn.Module):
