@@ -132,7 +132,7 @@ def _report(run, result, layers, metrics, gate, evidence, attribution, notes) ->
         device=str(run.adapter.device_used(run.device)), metrics=metrics, gap=gap_of(metrics, result.outcomes),
         gate=gate, agreement=_ratio(result, "agree.a", "agree.n"), output_divergence=_ratio(result, "diverge", "agree.n"),
         layers=tuple(layers), findings=find_causes(evidence), data=data, attribution=attribution,
-        notes=tuple(notes) + _dropout_note(result) + _nonfinite_note(result))
+        notes=tuple(notes) + _dropout_note(result) + _nonfinite_note(result) + _quick_note(run, result))
 
 
 def _plan_samples(plan) -> int:
@@ -143,6 +143,13 @@ def _plan_samples(plan) -> int:
 def _ratio(result: PassResult, numerator: str, denominator: str) -> float | None:
     n = result.outcomes.get(denominator)
     return result.outcomes.get(numerator) / n if n else None
+
+
+def _quick_note(run: Run, result: PassResult) -> tuple[str, ...]:
+    if not result.stopped_early or run.plan.reshuffled:
+        return ()
+    return ("--quick stopped on batches as the loader yields them: the early verdict assumes they come in "
+            "random order (return the Dataset to let bncheck shuffle)",)
 
 
 def _nonfinite_note(result: PassResult) -> tuple[str, ...]:
