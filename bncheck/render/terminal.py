@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import RenderOptions
-from .format import bar, drift_style, gate_text, momentum_text, num, pct, shown_layers, signed_points
+from .format import DRIFT_LEGEND, drift_bar, drift_style, gate_text, momentum_text, num, pct, shown_layers, signed_points
 
 def _tidy(text: str) -> str:
     """rich pads some lines to the console width; trailing spaces only get in the way of diffs."""
@@ -69,11 +69,10 @@ class TerminalRenderer:
         shown = shown_layers(layers, self.options)
         if not shown:
             return
-        scale = max((l.drift or 0.0) for l in shown) or 1.0
         title = f"Norm layers by drift ({len(shown)} of {len(layers)}" + \
             ("" if len(shown) == len(layers) else "; --all-layers for all") + \
             "); shift and var ratio: the worst channel"
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", caption=DRIFT_LEGEND, caption_justify="left")
         # Names stay whole where they fit; the type and the headers give way first.
         table.add_column("layer", overflow="fold", min_width=min(max(len(l.name) for l in shown), 40))
         table.add_column("type", overflow="fold")
@@ -82,7 +81,7 @@ class TerminalRenderer:
         if attribution:
             table.add_column("recovers", justify="right")
         for l in shown:
-            row = [l.name, l.type, num(l.drift, 3), Text(bar(l.drift, scale, 10), style=drift_style(l.drift)),
+            row = [l.name, l.type, num(l.drift, 3), Text(drift_bar(l.drift), style=drift_style(l.drift)),
                    num(l.mean_shift_max, 3), num(l.var_ratio_max, 3), momentum_text(l),
                    "n/a" if l.num_batches_tracked is None else str(l.num_batches_tracked)]
             if attribution:
