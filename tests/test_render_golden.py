@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -68,13 +69,29 @@ CASES = {
     "inspection": lambda r: r.inspection(inspection()),
     "recalibration": lambda r: r.recalibration(recalibration()),
 }
-SUFFIX = {OutputFormat.TERMINAL: "txt", OutputFormat.MARKDOWN: "md", OutputFormat.JSON: "json"}
+def forward_ordered_report() -> Report:
+    """The failing report as the engine fills it: a forward order unlike the drift order, gap intervals,
+    and a layer that keeps its running statistics under model.train()."""
+    report = failing_report()
+    order = {"stem.bn": 0, "layer1.bn1": 1, "layer2.bn1": 2, "head.bn": 3}
+    layers = tuple(dataclasses.replace(l, order=order[l.name], batch_stats_in_train=l.name != "layer2.bn1")
+                   for l in report.layers)
+    gap = dataclasses.replace(report.gap, accuracy_ci=(0.6, 0.72), relative_loss_ci=(500.0, 900.0))
+    data = dataclasses.replace(report.data, stopped_early=True, num_samples_available=50, world_size=2)
+    return dataclasses.replace(report, layers=layers, gap=gap, data=data)
+
+
+SUFFIX = {OutputFormat.TERMINAL: "txt", OutputFormat.MARKDOWN: "md", OutputFormat.JSON: "json",
+          OutputFormat.HTML: "html"}
+HTML_CASES = {"diagnosis_forward": lambda r: r.diagnosis(forward_ordered_report())}
 
 
 def scrubbed(fmt: OutputFormat, text: str) -> str:
     """Without the fields that change from release to release."""
     if fmt is OutputFormat.JSON:
         return json.dumps({k: v for k, v in json.loads(text).items() if k != "bncheck_version"}, indent=2) + "\n"
+    if fmt is OutputFormat.HTML:
+        return re.sub(r'<span class="version">[^<]*</span>', '<span class="version">VERSION</span>', text)
     return text
 
 
@@ -92,6 +109,20 @@ def check_golden(fmt: OutputFormat, case: str, text: str, overwrite: bool) -> No
 def test_renderer_matches_golden(fmt, case, overwrite_goldens):
     renderer = renderer_for(fmt)(RenderOptions(top=3, width=100, color=False))
     check_golden(fmt, case, CASES[case](renderer), overwrite_goldens)
+
+
+@pytest.mark.parametrize("case", sorted(HTML_CASES))
+def test_html_in_forward_order_matches_golden(case, overwrite_goldens):
+    renderer = renderer_for(OutputFormat.HTML)(RenderOptions(top=3, width=100, color=False))
+    check_golden(OutputFormat.HTML, case, HTML_CASES[case](renderer), overwrite_goldens)
+
+
+def test_golden_html_is_scrubbed_of_the_version():
+    from bncheck import __version__
+
+    text = renderer_for(OutputFormat.HTML)().diagnosis(failing_report())
+    assert f'<span class="version">{__version__}</span>' in text
+    assert "VERSION" in scrubbed(OutputFormat.HTML, text) and __version__ not in scrubbed(OutputFormat.HTML, text)
 
 
 def test_terminal_report_shows_top_layers_and_says_how_to_see_all():
