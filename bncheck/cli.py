@@ -296,11 +296,13 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
 @click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
 @click.option("--output-key", help="Which key or attribute of the output holds the predictions.")
 @click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default="terminal",
-              show_default=True, envvar="BNCHECK_FORMAT", help="Summary format (stdout).")
+              show_default=True, envvar="BNCHECK_FORMAT", help="Summary format (stdout or --report).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the summary in --format to FILE (only once complete) instead of stdout.")
 @_fail_on_errors
 def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, image_size, normalize, layout,
                 input_key, target_key, device, batch_size, seed, max_batches, quiet, output_path, force,
-                num_samples, include_frozen, val_data, output_index, output_key, fmt):
+                num_samples, include_frozen, val_data, output_index, output_key, fmt, report_path):
     """Recompute exact running statistics from data and write a new checkpoint.
 
     Example: bncheck recalibrate model.py -o fixed.pt
@@ -317,6 +319,10 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
     _require_output_folder(output_path)
+    _require_output_folder(report_path)
+    inputs = {Path(p).resolve() for p in (output_path, checkpoint, model_spec, val_data, data_path) if p is not None}
+    if report_path is not None and Path(report_path).resolve() in inputs:
+        raise InputProblem(f"--report {report_path} would overwrite an input or the -o checkpoint; choose another file")
     resolve_device(device)  # fail before the model is built and trained
     with _user_code_prints_to_stderr(), _Progress(quiet, "recalibrating") as progress:
         loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
@@ -337,8 +343,8 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
             input_key=input_key, target_key=target_key,
             progress=progress, return_model=True)
         saved = save_recalibrated(fixed_model, target, result)
-    renderer = renderer_for(OutputFormat(fmt))(RenderOptions(color=sys.stdout.isatty()))
-    _emit(renderer.recalibration(saved), None)
+    renderer = renderer_for(OutputFormat(fmt))(RenderOptions(color=report_path is None and sys.stdout.isatty()))
+    _emit(renderer.recalibration(saved), report_path)
 
 
 if __name__ == "__main__":

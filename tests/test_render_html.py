@@ -5,6 +5,7 @@ The browser test (tests/test_html_browser.py) loads these pages in headless Chro
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from html.parser import HTMLParser
@@ -12,7 +13,7 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from bncheck.cli import EXIT_FAIL, main
+from bncheck.cli import EXIT_ERROR, EXIT_FAIL, main
 from bncheck.diagnosis import diagnose
 from bncheck.recalibration import EvalComparison
 from bncheck.render import OutputFormat, RenderOptions, renderer_for
@@ -248,3 +249,25 @@ def test_cli_writes_html_for_diagnose_and_inspect(tmp_path, shift_model):
     assert "<h1>FAIL</h1>" in out.read_text()
     result = CliRunner().invoke(main, ["inspect", str(shift_model), "--format", "html"])
     assert result.stdout.startswith("<!DOCTYPE html>") and "bncheck inspect" in result.stdout
+
+
+@pytest.mark.parametrize("fmt", [f.value for f in OutputFormat])
+def test_recalibrate_writes_its_report_to_a_file_in_every_format(tmp_path, shift_model, fmt):
+    report = tmp_path / f"recalibrated.{fmt}"
+    result = CliRunner().invoke(main, ["recalibrate", str(shift_model), "-o", str(tmp_path / "fixed.pt"),
+                                       "--format", fmt, "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    text = report.read_text(encoding="utf-8")
+    assert "fixed.pt" in text
+    if fmt == "json":
+        assert json.loads(text)["kind"] == "recalibration"
+    if fmt == "html":
+        assert external_references(text) == [] and "Eval mode before and after" in text
+
+
+def test_recalibrate_report_may_not_overwrite_the_checkpoint(tmp_path, shift_model):
+    fixed = tmp_path / "fixed.pt"
+    result = CliRunner().invoke(main, ["recalibrate", str(shift_model), "-o", str(fixed), "--report", str(fixed)])
+    assert result.exit_code == EXIT_ERROR
+    assert "--report" in result.stderr and not fixed.exists()
