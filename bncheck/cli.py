@@ -320,7 +320,8 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
         raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
     _require_output_folder(output_path)
     _require_output_folder(report_path)
-    inputs = {Path(p).resolve() for p in (output_path, checkpoint, model_spec, val_data, data_path) if p is not None}
+    inputs = {Path(p).resolve() for p in (output_path, checkpoint, model_spec, model_spec.split(":")[0], val_data,
+                                          data_path) if p is not None}
     if report_path is not None and Path(report_path).resolve() in inputs:
         raise InputProblem(f"--report {report_path} would overwrite an input or the -o checkpoint; choose another file")
     resolve_device(device)  # fail before the model is built and trained

@@ -143,7 +143,7 @@ def test_drift_bars_use_a_fixed_scale_with_a_threshold_mark():
     bars = _markdown_bars(failing_report())
     # 12 cells for 0 to 1 standard deviation, the mark after cell 6 (drift 0.5), "+" past the scale.
     assert bars["layer1.bn1"] == "██████¦██████+"  # 1.84
-    assert bars["stem.bn"] == "██████¦██████+"     # 1.11: also full, the number tells them apart
+    assert bars["stem.bn"] == "██████¦██████+"     # 1.11: full as well; the number tells them apart
     assert bars["layer2.bn1"] == "███···¦······"    # 0.25 fills a quarter
     assert bars["head.bn"] == "▍·····¦······"      # 0.03: short, not full, not empty
 

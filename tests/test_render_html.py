@@ -105,7 +105,8 @@ def test_page_is_self_contained(render):
 
 def test_the_reference_check_finds_every_kind_of_fetch():
     page = HTML.diagnosis(failing_report())
-    for injected in ('<img src="x.png">', '<a href="https://example.com/">x</a>', '<link rel="stylesheet" href="s.css">',
+    for injected in ('<img src="x.png">', '<a href="https://example.com/">x</a>',
+                     '<link rel="stylesheet" href="s.css">',
                      '<div style="background: url(x.png)">x</div>', "<style>@import 'x.css';</style>",
                      '<svg><image href="x.png"/></svg>', '<script src="x.js"></script>'):
         assert external_references(page.replace("</main>", injected + "</main>")), injected
@@ -266,8 +267,13 @@ def test_recalibrate_writes_its_report_to_a_file_in_every_format(tmp_path, shift
         assert external_references(text) == [] and "Eval mode before and after" in text
 
 
-def test_recalibrate_report_may_not_overwrite_the_checkpoint(tmp_path, shift_model):
+@pytest.mark.parametrize("target", ["checkpoint", "model"])
+def test_recalibrate_report_may_not_overwrite_the_checkpoint_or_an_input(tmp_path, shift_model, target):
     fixed = tmp_path / "fixed.pt"
-    result = CliRunner().invoke(main, ["recalibrate", str(shift_model), "-o", str(fixed), "--report", str(fixed)])
+    source = shift_model.read_text()
+    report = fixed if target == "checkpoint" else shift_model
+    result = CliRunner().invoke(main, ["recalibrate", f"{shift_model}:build_model", "-o", str(fixed),
+                                       "--report", str(report)])
     assert result.exit_code == EXIT_ERROR
-    assert "--report" in result.stderr and not fixed.exists()
+    assert "--report" in result.stderr and "choose another file" in result.stderr
+    assert not fixed.exists() and shift_model.read_text() == source

@@ -67,7 +67,8 @@ def _legend(layers) -> str:
                 f'<rect class="{css}" x="1" y="1" width="12" height="10"/></svg>')
 
     drifts = [l.drift for l in layers if l.drift is not None]
-    items = [(swatch("ok"), f"up to {DRIFT_NOTICEABLE:g}"), (swatch("notice"), f"{DRIFT_NOTICEABLE:g} to {DRIFT_HIGH:g}"),
+    items = [(swatch("ok"), f"up to {DRIFT_NOTICEABLE:g}"),
+             (swatch("notice"), f"{DRIFT_NOTICEABLE:g} to {DRIFT_HIGH:g}"),
              (swatch("high"), f"over {DRIFT_HIGH:g}: findings start here")]
     if any(d > DRIFT_SCALE for d in drifts):
         items.append((swatch("cap"), f"mark above a bar: beyond {DRIFT_SCALE:g}, drawn full"))

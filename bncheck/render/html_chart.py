@@ -10,7 +10,7 @@ from ..findings import DRIFT_HIGH, DRIFT_NOTICEABLE
 from .format import DRIFT_SCALE, drift_fill, num, pct
 from .html_page import esc
 
-WIDTH, LEFT, RIGHT, TOP, PLOT_HEIGHT = 960, 58, 14, 30, 200
+WIDTH, LEFT, RIGHT, TOP, PLOT_HEIGHT = 960, 58, 74, 30, 200
 LABELLED_MAX = 40  # up to this many layers each bar is named under the axis; beyond, index ticks
 
 
@@ -36,15 +36,21 @@ def _grid() -> list[str]:
     for value in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = _y(value / DRIFT_SCALE)
         label = f"{value:g}+" if value == DRIFT_SCALE else f"{value:g}"
-        css = "threshold" if value == DRIFT_HIGH else "axis" if value == 0 else "grid"
+        css = "axis" if value == 0 else "grid"  # the threshold is drawn over the bars
         parts.append(f'<line class="{css}" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
                      f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    y = _y(DRIFT_HIGH / DRIFT_SCALE)
-    parts.append(f'<text x="{WIDTH - RIGHT}" y="{y - 5:.1f}" text-anchor="end">finding threshold {DRIFT_HIGH:g}</text>')
     middle = TOP + PLOT_HEIGHT / 2
     parts.append(f'<text x="12" y="{middle:.0f}" text-anchor="middle" transform="rotate(-90 12 {middle:.0f})">'
                  "drift (true std)</text>")
     return parts
+
+
+def _threshold() -> list[str]:
+    """Drawn over the bars, so one sees which bars cross it; labelled in the right margin."""
+    y = _y(DRIFT_HIGH / DRIFT_SCALE)
+    return [f'<line class="threshold" x1="{LEFT}" x2="{WIDTH - RIGHT + 4}" y1="{y:.1f}" y2="{y:.1f}"/>',
+            f'<text class="threshold-label" x="{WIDTH - RIGHT + 8}" y="{y - 3:.1f}">findings</text>',
+            f'<text class="threshold-label" x="{WIDTH - RIGHT + 8}" y="{y + 11:.1f}">start</text>']
 
 
 def layer_tooltip(position: int, layer) -> str:
@@ -111,13 +117,15 @@ def drift_chart(layers, *, title: str, description: str, table_id: str, axis: st
     slot = (WIDTH - LEFT - RIGHT) / count
     width = min(slot * (0.8 if slot >= 4 else 1.0), 36)
     labelled = len(layers) <= LABELLED_MAX
-    height = TOP + PLOT_HEIGHT + (134 if labelled else 50)
+    # Names are written at -40 degrees: about 4.6 px of height per character of the longest one.
+    longest = max((len(short_name(l.name)) for l in layers), default=1)
+    height = TOP + PLOT_HEIGHT + (round(42 + 4.6 * longest) if labelled else 50)
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" '
              f'aria-labelledby="chart-title chart-desc" aria-describedby="{table_id}">',
              f'<title id="chart-title">{esc(title)}</title><desc id="chart-desc">{esc(description)}</desc>']
     parts += _grid()
     parts += [_bar(LEFT + slot * i + (slot - width) / 2, width, l, i + 1) for i, l in enumerate(layers)]
-    parts += _x_labels(layers, slot) + (_start_mark(layers, slot, width) if forward else [])
+    parts += _threshold() + _x_labels(layers, slot) + (_start_mark(layers, slot, width) if forward else [])
     parts.append(f'<text x="{LEFT + (WIDTH - LEFT - RIGHT) / 2:.0f}" y="{height - 6}" text-anchor="middle">'
                  f"{axis} →</text></svg>")
     return "\n".join(parts)
@@ -145,7 +153,8 @@ def drift_cell(layer) -> str:
 
 def accuracy_chart(evaluations) -> str:
     """Eval-mode accuracy before and after recalibration, per data set, on 0 to 100%."""
-    rows = [e for e in evaluations if e.before.accuracy is not None and e.after.accuracy is not None]
+    rows = [e for e in evaluations if all(a is not None and math.isfinite(a) for a in (e.before.accuracy,
+                                                                                    e.after.accuracy))]
     if not rows:
         return ""
     left, length, row_height = 150, 660, 46

@@ -65,7 +65,8 @@ figcaption, .legend { color: var(--muted); font-size: 13.5px; }
 svg.chart { width: 100%; height: auto; display: block; }
 svg text { fill: var(--muted); font-size: 12px; font-family: inherit; }
 svg .axis, svg .grid { stroke: var(--line); stroke-width: 1; }
-svg .threshold { stroke: var(--high); stroke-width: 1.5; stroke-dasharray: 5 4; }
+svg text.threshold-label { fill: var(--fg); }
+svg .threshold { stroke: var(--fg); stroke-width: 1.5; stroke-dasharray: 5 4; stroke-opacity: .75; }
 svg .track { fill: var(--panel); stroke: var(--line); }
 svg .ok { fill: var(--ok); } svg .notice { fill: var(--notice); } svg .high { fill: var(--high); }
 svg .nan { fill: var(--nan); } svg .none { fill: var(--none); }
