@@ -157,9 +157,9 @@ def accuracy_chart(evaluations) -> str:
                                                                                     e.after.accuracy))]
     if not rows:
         return ""
-    left, length, row_height = 150, 660, 46
+    left, length, row_height = 110, 480, 46
     height = 30 + row_height * len(rows)
-    parts = [f'<svg class="chart" viewBox="0 0 {left + length + 110} {height}" role="img" '
+    parts = [f'<svg class="chart narrow" viewBox="0 0 {left + length + 110} {height}" role="img" '
              f'aria-labelledby="acc-title"><title id="acc-title">Eval-mode accuracy before and after, '
              f"per data set</title>"]
     for share in (0.0, 0.5, 1.0):
@@ -168,7 +168,7 @@ def accuracy_chart(evaluations) -> str:
                      f'<text x="{x:.0f}" y="{height - 6}" text-anchor="middle">{share:.0%}</text>')
     for i, row in enumerate(rows):
         y = 8 + row_height * i
-        parts.append(f'<text x="{left - 10}" y="{y + 22}" text-anchor="end">{esc(short_name(row.data, 20))}</text>')
+        parts.append(f'<text x="{left - 10}" y="{y + 22}" text-anchor="end">{esc(short_name(row.data, 14))}</text>')
         for j, (label, value, css) in enumerate((("before", row.before.accuracy, "none"),
                                                  ("after", row.after.accuracy, "after"))):
             top = y + 2 + 20 * j

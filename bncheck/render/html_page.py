@@ -63,6 +63,7 @@ figcaption, .legend { color: var(--muted); font-size: 13.5px; }
 .legend { display: flex; flex-wrap: wrap; gap: 4px 18px; margin: 6px 0; }
 .legend svg { vertical-align: -2px; margin-right: 4px; }
 svg.chart { width: 100%; height: auto; display: block; }
+svg.chart.narrow { max-width: 760px; }
 svg text { fill: var(--muted); font-size: 12px; font-family: inherit; }
 svg .axis, svg .grid { stroke: var(--line); stroke-width: 1; }
 svg text.threshold-label { fill: var(--fg); }
