@@ -103,6 +103,18 @@ def test_page_is_self_contained(render):
     assert page.find("meta", **{"http-equiv": "Content-Security-Policy"})[0]["content"].startswith("default-src 'none'")
 
 
+@pytest.mark.parametrize("count", [4, 53, 300])
+def test_every_layer_is_named_in_the_chart_and_the_table(count):
+    text = HTML.diagnosis(many_layers(count))
+    names = [f"features.denseblock{i // 100 + 1}.denselayer{i % 100 + 1}.norm{i % 2 + 1}" for i in range(count)]
+    chart = text[text.index('<svg class="chart"'):text.index("</svg>")]
+    tooltips = re.findall(r"<title>#(\d+) (\S+) \(", chart)
+    assert tooltips == [(str(i + 1), name) for i, name in enumerate(names)]  # forward order, full names
+    assert _row_names(text) == names
+    under_axis = re.findall(r'text-anchor="end" transform="rotate\(-\d+ [^)]*\)">([^<]*)</text>', chart)
+    assert len(under_axis) == (count if count <= 72 else 0)  # beyond 72 layers: index ticks, names on hover
+
+
 def test_the_reference_check_finds_every_kind_of_fetch():
     page = HTML.diagnosis(failing_report())
     for injected in ('<img src="x.png">', '<a href="https://example.com/">x</a>',

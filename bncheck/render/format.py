@@ -9,8 +9,8 @@ from ..findings import DRIFT_HIGH, DRIFT_NOTICEABLE
 # full at or beyond it, so a healthy model draws short bars whatever its worst layer.
 DRIFT_SCALE = 1.0
 DRIFT_MARK = "¦"  # the finding threshold; distinct from a table's │ borders
-DRIFT_LEGEND = (f"drift bar: 0 to {DRIFT_SCALE:g} standard deviation (+ beyond); {DRIFT_MARK} marks {DRIFT_HIGH:g}, "
-                "where findings start; ░ not a number")
+DRIFT_LEGEND = (f"drift bar: 0 to {DRIFT_SCALE:g} std (+ beyond); {DRIFT_MARK} at {DRIFT_HIGH:g}, where findings start; "
+                "░ NaN")
 _EIGHTHS = "▏▎▍▌▋▊▉"
 
 

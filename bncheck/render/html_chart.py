@@ -11,7 +11,8 @@ from .format import DRIFT_SCALE, drift_fill, num, pct
 from .html_page import esc
 
 WIDTH, LEFT, RIGHT, TOP, PLOT_HEIGHT = 960, 58, 74, 30, 200
-LABELLED_MAX = 40  # up to this many layers each bar is named under the axis; beyond, index ticks
+LABELLED_MAX = 72  # up to this many layers each bar is named under the axis; beyond, index ticks
+STEEP_FROM = 41    # from this many layers the names stand steeper and smaller, so neighbours do not touch
 
 
 def drift_class(value: float | None) -> str:
@@ -23,8 +24,15 @@ def drift_class(value: float | None) -> str:
 
 
 def short_name(name: str, limit: int = 22) -> str:
-    """The end of a dotted name, where layers differ; the full name is in the tooltip and the table."""
-    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+    """The last dotted parts of a name that fit, where layers differ; the full name is in the tooltip
+    and the table."""
+    if len(name) <= limit:
+        return name
+    parts = name.split(".")
+    tail = parts.pop()
+    while parts and len(parts[-1]) + len(tail) + 2 <= limit:
+        tail = parts.pop() + "." + tail
+    return "…" + (tail if len(tail) < limit else tail[-(limit - 1):])
 
 
 def _y(fill: float) -> float:
@@ -77,12 +85,22 @@ def _bar(x: float, width: float, layer, position: int) -> str:
     return f"<g><title>{esc(layer_tooltip(position, layer))}</title>{hit}{shape}</g>"
 
 
+def _label_style(count: int) -> tuple[int, int]:
+    """Angle and font size of the names under the axis."""
+    return (40, 12) if count < STEEP_FROM else (65, 10)  # the page's CSS: svg text 12px, svg text.small 10px
+
+
 def _x_labels(layers, slot: float) -> list[str]:
     base = _y(0) + 6  # below the strip that marks layers using running statistics in training
     if len(layers) <= LABELLED_MAX:
-        return [f'<text x="{LEFT + slot * (i + 0.5) + 4:.1f}" y="{base + 12:.1f}" text-anchor="end" '
-                f'transform="rotate(-40 {LEFT + slot * (i + 0.5) + 4:.1f} {base + 12:.1f})">'
-                f"{esc(short_name(l.name))}</text>" for i, l in enumerate(layers)]
+        angle, size = _label_style(len(layers))
+        parts = []
+        for i, l in enumerate(layers):
+            x = LEFT + slot * (i + 0.5) + size / 3
+            small = ' class="small"' if size < 12 else ""
+            parts.append(f'<text{small} x="{x:.1f}" y="{base + 12:.1f}" text-anchor="end" '
+                         f'transform="rotate(-{angle} {x:.1f} {base + 12:.1f})">{esc(short_name(l.name))}</text>')
+        return parts
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000) if len(layers) / s <= 12)
     parts = []
     for position in [1] + list(range(step, len(layers) + 1, step)):
@@ -117,9 +135,10 @@ def drift_chart(layers, *, title: str, description: str, table_id: str, axis: st
     slot = (WIDTH - LEFT - RIGHT) / count
     width = min(slot * (0.8 if slot >= 4 else 1.0), 36)
     labelled = len(layers) <= LABELLED_MAX
-    # Names are written at -40 degrees: about 4.6 px of height per character of the longest one.
+    angle, size = _label_style(len(layers))
     longest = max((len(short_name(l.name)) for l in layers), default=1)
-    height = TOP + PLOT_HEIGHT + (round(42 + 4.6 * longest) if labelled else 50)
+    name_height = 0.6 * size * longest * math.sin(math.radians(angle))  # a character is ~0.6 em wide
+    height = TOP + PLOT_HEIGHT + (round(42 + name_height) if labelled else 50)
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" '
              f'aria-labelledby="chart-title chart-desc" aria-describedby="{table_id}">',
              f'<title id="chart-title">{esc(title)}</title><desc id="chart-desc">{esc(description)}</desc>']

@@ -64,7 +64,7 @@ figcaption, .legend { color: var(--muted); font-size: 13.5px; }
 .legend svg { vertical-align: -2px; margin-right: 4px; }
 svg.chart { width: 100%; height: auto; display: block; }
 svg.chart.narrow { max-width: 760px; }
-svg text { fill: var(--muted); font-size: 12px; font-family: inherit; }
+svg text { fill: var(--muted); font-size: 12px; font-family: inherit; } svg text.small { font-size: 10px; }
 svg .axis, svg .grid { stroke: var(--line); stroke-width: 1; }
 svg text.threshold-label { fill: var(--fg); }
 svg .threshold { stroke: var(--fg); stroke-width: 1.5; stroke-dasharray: 5 4; stroke-opacity: .75; }
