@@ -104,7 +104,9 @@ footer { margin-top: 36px; color: var(--muted); font-size: 13px; }
   body { font-size: 11pt; }
   main { max-width: none; padding: 0; }
   h2 { break-after: avoid; }
-  figure, .verdict, tr { break-inside: avoid; }
+  figure, .verdict, tr, .finding p { break-inside: avoid; }
+  .finding { break-inside: auto; }  /* a finding that lists a hundred layers may run onto the next page */
+  .finding h3 { break-after: avoid; }
   .layers thead th { position: static; }
   .layers { font-size: 8.5pt; }
   .layers th, .layers td { padding: 2px 5px; }
