@@ -352,7 +352,9 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
 @click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
 @click.option("--output-key", help="Which key or attribute of the output holds the predictions.")
 @click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default="terminal",
-              show_default=True, envvar="BNCHECK_FORMAT", help="Summary format (stdout).")
+              show_default=True, envvar="BNCHECK_FORMAT", help="Summary format (stdout or --report).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the summary in --format to FILE (only once complete) instead of stdout.")
 @_fail_on_errors
 def recalibrate(**params):
     """Recompute exact running statistics from data and write a new checkpoint.
@@ -376,8 +378,10 @@ def recalibrate(**params):
         if world.is_main:
             from .render import renderer_for
 
-            renderer = renderer_for(OutputFormat(params["fmt"]))(RenderOptions(color=sys.stdout.isatty()))
-            _emit(renderer.recalibration(saved), None)
+            report_path = params["report_path"]
+            color = report_path is None and sys.stdout.isatty()
+            renderer = renderer_for(OutputFormat(params["fmt"]))(RenderOptions(color=color))
+            _emit(renderer.recalibration(saved), report_path)
 
 
 def _check_output_checkpoint(target: Path, params: dict) -> None:
@@ -390,6 +394,13 @@ def _check_output_checkpoint(target: Path, params: dict) -> None:
     if target.exists() and not params["force"]:
         raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
     _require_output_folder(str(target))
+    report_path = params["report_path"]
+    _require_output_folder(report_path)
+    inputs = {Path(p).resolve() for p in (params["output_path"], checkpoint, params["model_spec"],
+                                          params["model_spec"].split(":")[0], params["val_data"],
+                                          params["data_path"]) if p is not None}
+    if report_path is not None and Path(report_path).resolve() in inputs:
+        raise InputProblem(f"--report {report_path} would overwrite an input or the -o checkpoint; choose another file")
 
 
 def _recalibrate_and_save(loaded, params: dict, target: Path, world, progress):

@@ -102,11 +102,11 @@ def never_updated(ev: Evidence) -> list[Finding]:
         evidence["missing_in_checkpoint"] = list(ev.missing_running_stats[:10])
     if ev.has_data:
         evidence.update(_worst(candidates))
-    fix = ("Save and load the moving statistics with the weights: model.save('model.keras') or "
-           "model.save_weights(...) keeps non-trainable variables; or run `bncheck recalibrate`."
+    fix = ("Save and load the moving statistics with the weights: `model.save('model.keras')` or "
+           "`model.save_weights(...)` keeps non-trainable variables; or run `bncheck recalibrate`."
            if _keras(ev) else
-           "Save and load buffers with the weights: torch.save(model.state_dict(), path) and "
-           "model.load_state_dict(torch.load(path)) (not named_parameters()); or run "
+           "Save and load buffers with the weights: `torch.save(model.state_dict(), path)` and "
+           "`model.load_state_dict(torch.load(path))` (not `named_parameters()`); or run "
            "`bncheck recalibrate MODEL -o fixed.pt` to recompute them from data.")
     severity = Severity.ERROR if ev.has_data or len(candidates) == len(tracked) else Severity.WARNING
     return [Finding("stats-never-updated", severity, _names(candidates), evidence,
@@ -158,7 +158,7 @@ def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
     if ev.has_data:
         evidence.update(_worst(candidates))
     if _keras(ev):
-        fix = ("Use a lower momentum such as BatchNormalization(momentum=0.9), train for more steps, "
+        fix = ("Use a lower momentum such as `BatchNormalization(momentum=0.9)`, train for more steps, "
                "or run `bncheck recalibrate model.keras -o fixed.keras`.")
         steps = sample.num_batches_tracked
         if measured is not None:
@@ -170,7 +170,7 @@ def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
                     f"convention): {weight:.0%} of their weight is still on the values they held before (0/1 "
                     "for a new layer, the pretrained statistics when fine-tuning).")
     else:
-        fix = ("Use the default momentum: nn.BatchNorm2d(C, momentum=0.1) (PyTorch 0.01 equals Keras 0.99), "
+        fix = ("Use the default momentum: `nn.BatchNorm2d(C, momentum=0.1)` (PyTorch 0.01 equals Keras 0.99), "
                "train for more steps, or recompute exact statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
         weight_words = f"still {weight:.0%} on the initial 0/1 values" if weight is not None else "few updates"
         text = (f"The moving averages saw only {sample.num_batches_tracked} updates with momentum {sample.momentum}: "
@@ -199,10 +199,10 @@ def dominated_by_recent(ev: Evidence) -> list[Finding]:
         evidence.update(_worst(candidates))
         evidence["batch_mean_spread"] = _round(max((l.batch_mean_spread or 0.0) for l in candidates))
     if _keras(ev):
-        fix = ("Keras momentum is the weight on the old value: use BatchNormalization(momentum=0.99), "
+        fix = ("Keras momentum is the weight on the old value: use `BatchNormalization(momentum=0.99)`, "
                "then `bncheck recalibrate` to recompute the statistics over the whole data.")
     else:
-        fix = ("PyTorch momentum is the weight on the new batch: use nn.BatchNorm2d(C, momentum=0.1) "
+        fix = ("PyTorch momentum is the weight on the new batch: use `nn.BatchNorm2d(C, momentum=0.1)` "
                "(a Keras momentum of 0.9/0.99 is PyTorch 0.1/0.01), then `bncheck recalibrate MODEL -o fixed.pt`.")
     return [Finding("stats-dominated-by-recent-batches", severity, _names(candidates), evidence,
                     f"Each batch moves the running statistics by {weight:.0%}, so they reflect the last "
@@ -218,11 +218,11 @@ def frozen_in_train_mode(ev: Evidence) -> list[Finding]:
     evidence = {"frozen_layers_in_train_mode": len(candidates)}
     if ev.has_data:
         evidence.update(_worst(candidates))
-    fix = ("Keras 3 runs trainable=False BatchNormalization in inference mode; call the frozen base as "
-           "base_model(x, training=False), then `bncheck recalibrate --include-frozen` if its statistics are stale."
+    fix = ("Keras 3 runs `trainable=False` BatchNormalization in inference mode; call the frozen base as "
+           "`base_model(x, training=False)`, then `bncheck recalibrate --include-frozen` if its statistics are stale."
            if _keras(ev) else
-           "Keep frozen norm layers in eval mode after every model.train(): "
-           "for m in backbone.modules(): m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None; "
+           "Keep frozen norm layers in eval mode after every `model.train()`: "
+           "`for m in backbone.modules(): m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None`; "
            "or recompute their statistics on the new data with `bncheck recalibrate --include-frozen`.")
     return [Finding("frozen-bn-in-train-mode", Severity.ERROR if ev.has_data else Severity.WARNING,
                     _names(candidates), evidence,
@@ -286,7 +286,7 @@ def label_sorted(ev: Evidence) -> list[Finding]:
                                                                   "num_classes": ev.num_classes_seen},
                     f"The data's batches are nearly single-class (majority class {share:.0%} of each batch on "
                     "average): batch statistics are unrepresentative in training and in this check.",
-                    "Shuffle the data: DataLoader(dataset, batch_size=..., shuffle=True), or return the Dataset "
+                    "Shuffle the data: `DataLoader(dataset, batch_size=..., shuffle=True)`, or return the Dataset "
                     "itself so bncheck draws shuffled batches.")]
 
 
@@ -316,7 +316,7 @@ def batch_dependent(ev: Evidence) -> list[Finding]:
     return [Finding("batch-dependent-eval", Severity.WARNING, _names(layers), {"layers": len(layers)},
                     f"{len(layers)} norm layers keep no running statistics, so in eval mode they normalise each "
                     "batch by itself and a prediction depends on the other samples in its batch.",
-                    "Construct them with track_running_stats=True (the default) and recalibrate, or use "
+                    "Construct them with `track_running_stats=True` (the default) and recalibrate, or use "
                     "GroupNorm/LayerNorm if batch independence is not needed at train time.")]
 
 
@@ -328,7 +328,8 @@ def reused(ev: Evidence) -> list[Finding]:
                     {"calls_per_forward": _round(max(l.calls_per_forward for l in layers), 2)},
                     f"{len(layers)} norm modules are called more than once per forward: their running statistics "
                     "mix inputs from different places in the network.",
-                    "Give each call site its own norm layer (e.g. self.bn1, self.bn2 instead of calling self.bn twice).")]
+                    "Give each call site its own norm layer (e.g. `self.bn1`, `self.bn2` instead of calling "
+                    "`self.bn` twice).")]
 
 
 def ranks_differ(ev: Evidence) -> list[Finding]:

@@ -9,6 +9,7 @@ class OutputFormat(str, enum.Enum):
     TERMINAL = "terminal"
     JSON = "json"
     MARKDOWN = "markdown"
+    HTML = "html"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ def renderer_for(fmt: OutputFormat):
         from .markdown import MarkdownRenderer
 
         return MarkdownRenderer
+    if fmt is OutputFormat.HTML:
+        from .html import HtmlRenderer
+
+        return HtmlRenderer
     if fmt is OutputFormat.TERMINAL:
         from .terminal import TerminalRenderer
 

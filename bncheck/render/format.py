@@ -1,37 +1,67 @@
-"""Number formatting shared by the human-readable renderers."""
+"""Number formatting and the drift scale shared by the human-readable renderers."""
 from __future__ import annotations
+
+import math
+
+from ..findings import DRIFT_HIGH, DRIFT_NOTICEABLE
+
+# Drift bars run on one fixed scale in every format: 0 to DRIFT_SCALE true standard deviations,
+# full at or beyond it, so a healthy model draws short bars whatever its worst layer.
+DRIFT_SCALE = 1.0
+DRIFT_MARK = "¦"  # the finding threshold; distinct from a table's │ borders
+DRIFT_LEGEND = (f"drift bar: 0 to {DRIFT_SCALE:g} std (+ beyond); {DRIFT_MARK} at {DRIFT_HIGH:g}, where findings start; "
+                "░ NaN")
+_EIGHTHS = "▏▎▍▌▋▊▉"
 
 
 def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 100:.1f}%"
+    if value is None:
+        return "n/a"
+    return "NaN" if math.isnan(value) else f"{value * 100:.1f}%"
 
 
 def num(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "n/a"
-    if value == float("inf"):
-        return "inf"
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "inf" if value > 0 else "-inf"
     if abs(value) >= 1000 or (value != 0 and abs(value) < 10 ** -digits):
         return f"{value:.2e}"
     return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits}f}".rstrip("0").rstrip(".") or "0"
 
 
 def signed_points(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 100:+.1f} pts"
+    if value is None:
+        return "n/a"
+    return "NaN" if math.isnan(value) else f"{value * 100:+.1f} pts"
 
 
-def bar(value: float | None, scale: float, width: int = 20) -> str:
-    if value is None or scale <= 0:
+def drift_fill(value: float | None) -> float | None:
+    """Share of a drift bar that ``value`` fills on the fixed scale; None when there is no number."""
+    if value is None or math.isnan(value):
+        return None
+    return min(max(value, 0.0) / DRIFT_SCALE, 1.0)
+
+
+def drift_bar(value: float | None, width: int = 10) -> str:
+    """A text bar on the fixed scale, in eighths of a cell, with a mark at the finding threshold."""
+    if value is None:
         return ""
-    filled = max(0, min(width, round(width * value / scale)))
-    return "█" * filled + "·" * (width - filled)
+    fill = drift_fill(value)
+    if fill is None:
+        cells = "░" * width
+    else:
+        full, part = divmod(round(8 * width * fill), 8)
+        cells = ("█" * full + (_EIGHTHS[part - 1] if part else "")).ljust(width, "·")
+    mark = round(width * DRIFT_HIGH / DRIFT_SCALE)
+    return cells[:mark] + DRIFT_MARK + cells[mark:] + ("+" if value > DRIFT_SCALE else "")
 
 
 def drift_style(value: float | None) -> str:
-    from ..findings import DRIFT_HIGH, DRIFT_NOTICEABLE
-
     if value is None:
         return "dim"
+    if not math.isfinite(value):
+        return "red"  # NaN or inf: corrupt running statistics
     return "red" if value > DRIFT_HIGH else "yellow" if value > DRIFT_NOTICEABLE else "green"
 
 
@@ -83,3 +113,11 @@ def stopped_text(data) -> str | None:
 def train_stats_text(layer) -> str:
     """What the layer normalises with under model.train(): its batch, or its running statistics."""
     return "batch" if layer.batch_stats_in_train else "running"
+
+
+def kept_by_reason(kept) -> dict[str, list[str]]:
+    """Recalibration's kept layers, grouped by why they were kept."""
+    grouped: dict[str, list[str]] = {}
+    for layer in kept:
+        grouped.setdefault(layer.reason, []).append(layer.name)
+    return grouped

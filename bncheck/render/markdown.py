@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from . import RenderOptions
-from .format import bar, data_text, gate_text, interval_text, momentum_text, num, pct, shown_layers, signed_points, \
-    stopped_text, train_stats_text
+from .format import (DRIFT_LEGEND, DRIFT_MARK, data_text, drift_bar, gate_text, interval_text, momentum_text, num, pct,
+                     shown_layers, signed_points, stopped_text, train_stats_text)
 
 
 def _escape(text: str) -> str:
@@ -40,16 +40,15 @@ class MarkdownRenderer:
         lines += [f"| **gap** | {num(report.gap.loss)} | {signed_points(report.gap.accuracy)} |", ""]
         shown = shown_layers(report.layers, self.options)
         if shown:
-            scale = max((l.drift or 0.0) for l in shown) or 1.0
             lines += [f"### Norm layers by drift ({len(shown)} of {len(report.layers)})", "",
                       "| layer | type | drift | | mean shift max | var ratio max | momentum | batches | in train |",
                       "|---|---|---:|---|---:|---:|---:|---:|---|"]
             for l in shown:
-                lines.append(f"| `{l.name}` | {l.type} | {num(l.drift, 3)} | `{bar(l.drift, scale, 12)}` | "
+                lines.append(f"| `{l.name}` | {l.type} | {num(l.drift, 3)} | `{drift_bar(l.drift, 12)}` | "
                              f"{num(l.mean_shift_max, 3)} | {num(l.var_ratio_max, 3)} | {momentum_text(l)} | "
                              f"{'n/a' if l.num_batches_tracked is None else l.num_batches_tracked} | "
                              f"{train_stats_text(l)} |")
-            lines.append("")
+            lines += ["", f"_{DRIFT_LEGEND.replace(DRIFT_MARK, f'`{DRIFT_MARK}`').replace('░', '`░`')}._", ""]
         lines += ["### Findings", ""] + _findings(report.findings) + [""]
         lines += [f"_note: {note}_" for note in report.notes]
         return "\n".join(lines).rstrip() + "\n"

@@ -8,19 +8,12 @@ from rich.table import Table
 from rich.text import Text
 
 from . import RenderOptions
-from .format import (bar, data_text, drift_style, gate_text, interval_text, momentum_text, num, pct, shown_layers,
-                     signed_points, stopped_text, train_stats_text)
+from .format import (DRIFT_LEGEND, data_text, drift_bar, drift_style, gate_text, interval_text, kept_by_reason,
+                     momentum_text, num, pct, shown_layers, signed_points, stopped_text, train_stats_text)
 
 def _tidy(text: str) -> str:
     """rich pads some lines to the console width; trailing spaces only get in the way of diffs."""
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
-
-
-def _kept_by_reason(kept) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for layer in kept:
-        grouped.setdefault(layer.reason, []).append(layer.name)
-    return grouped
 
 
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -78,11 +71,10 @@ class TerminalRenderer:
         shown = shown_layers(layers, self.options)
         if not shown:
             return
-        scale = max((l.drift or 0.0) for l in shown) or 1.0
         title = f"Norm layers by drift ({len(shown)} of {len(layers)}" + \
             ("" if len(shown) == len(layers) else "; --all-layers for all") + \
             "); shift and var ratio: the worst channel"
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", caption=DRIFT_LEGEND, caption_justify="left")
         # Names stay whole where they fit; the type and the headers give way first.
         table.add_column("layer", overflow="fold", min_width=min(max(len(l.name) for l in shown), 40))
         table.add_column("type", overflow="fold")
@@ -91,7 +83,7 @@ class TerminalRenderer:
         if attribution:
             table.add_column("recovers", justify="right")
         for l in shown:
-            row = [l.name, l.type, num(l.drift, 3), Text(bar(l.drift, scale, 10), style=drift_style(l.drift)),
+            row = [l.name, l.type, num(l.drift, 3), Text(drift_bar(l.drift), style=drift_style(l.drift)),
                    num(l.mean_shift_max, 3), num(l.var_ratio_max, 3), momentum_text(l),
                    "n/a" if l.num_batches_tracked is None else str(l.num_batches_tracked), train_stats_text(l)]
             if attribution:
@@ -145,7 +137,7 @@ class TerminalRenderer:
             table.add_row(row.data, num(row.before.loss), num(row.after.loss), pct(row.before.accuracy),
                           pct(row.after.accuracy))
         console.print(table)
-        for reason, names in _kept_by_reason(result.kept_layers).items():
+        for reason, names in kept_by_reason(result.kept_layers).items():
             console.print(f"kept {len(names)} layer{'' if len(names) == 1 else 's'} as they were "
                           f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}): {reason}", style="dim")
         if result.output_path:
