@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .averaging import averaging_hints as model_averaging_hints
 from .batches import plan_batches
 from .devices import resolve_device
 from .errors import InputError, NoNormLayersError
 from .findings import Evidence, find_causes
 from .frameworks import ForwardMode, adapter_for
-from .layer_report import drift_sort_key, measure_layer
+from .layer_report import drift_sort_key, measure_layer, unmeasured_note
 from .passes import PassResult, ScoringOptions, run_passes
+from .probes import eval_batch_dependence, first_batch
 from .report import DataSummary, Gap, Gate, MetricsSet, Report, Verdict
 from .tasks import Task, mode_metrics
 
@@ -36,6 +38,7 @@ def diagnose(
     attribute_top: int = 3,
     attribute_batches: int = 8,
     missing_running_stats: tuple[str, ...] = (),
+    averaging_hints: tuple[str, ...] = (),
     notes: tuple[str, ...] = (),
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Report:
@@ -43,7 +46,8 @@ def diagnose(
 
     The model is never modified: every buffer, momentum and mode flag is restored.
     ``max_gap`` is the largest accuracy gap (train-mode minus eval-mode) that passes;
-    for tasks without accuracy it is the relative loss gap (default 0.10).
+    for tasks without accuracy it is the relative loss gap (default 0.10). ``averaging_hints`` say why
+    the weights look averaged (SWA/EMA checkpoints); the model's own structure is checked too.
     """
     if max_gap is not None and max_gap < 0:
         raise InputError("max_gap must be >= 0")
@@ -64,6 +68,9 @@ def diagnose(
     result = run_passes(adapter, plan.batches, device=torch_device, modes=modes, scoring=scoring,
                         progress=progress, total_batches=plan.num_batches)
     forwards = result.num_batches
+
+    eval_dependence = eval_batch_dependence(adapter, first_batch(plan), torch_device, scoring=scoring)
+
     layer_reports = sorted(
         (measure_layer(layer, result.layer_stats.get(layer.name), forwards=forwards,
                        dropout_stats=result.dropout_layer_stats.get(layer.name),
@@ -83,7 +90,9 @@ def diagnose(
     evidence = Evidence(
         layers=tuple(layer_reports), metrics=metrics, gate=gate, reshuffled=plan.reshuffled,
         mean_majority_share=result.mean_majority_share, num_classes_seen=result.num_classes_seen,
-        attribution=attribution, missing_running_stats=missing_running_stats, framework=adapter.framework)
+        attribution=attribution, missing_running_stats=missing_running_stats, framework=adapter.framework,
+        registration_order=tuple(layer.name for layer in layers), eval_batch_dependence=eval_dependence,
+        averaging_hints=tuple(averaging_hints) + model_averaging_hints(model))
     return Report(
         verdict=Verdict.PASS if gate.passed else Verdict.FAIL,
         task=result.task.value,
@@ -101,7 +110,7 @@ def diagnose(
                          plan.reshuffled, seed,
                          result.mean_majority_share, result.num_classes_seen),
         attribution=attribution,
-        notes=tuple(notes) + _dropout_note(metrics) + _nonfinite_note(result),
+        notes=tuple(notes) + _dropout_note(metrics) + _nonfinite_note(result) + unmeasured_note(layer_reports),
     )
 
 
