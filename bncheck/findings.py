@@ -517,9 +517,16 @@ def _gap_words(gate: Gate) -> str:
     return f"a relative loss gap of {gate.value:.0%}"
 
 
+# Findings that explain why statistics would drift, not a gap by themselves: with exact statistics,
+# dropout before a norm layer changes nothing between eval mode and train mode with dropout off.
+NOT_A_GAP_CAUSE = {"dropout-variance-shift"}
+
+
 def gap_cause(ev: Evidence, findings: list[Finding]) -> list[Finding]:
     """The last rule: a failed gate that no other rule explained still gets a cause."""
-    if not ev.gap_failed or any(f.severity in (Severity.ERROR, Severity.WARNING) for f in findings):
+    explaining = [f for f in findings if f.severity in (Severity.ERROR, Severity.WARNING)
+                  and f.code not in NOT_A_GAP_CAUSE]
+    if not ev.gap_failed or explaining:
         return []
     measured = [l for l in ev.layers if _judged(l) and l.drift is not None]
     worst = max(measured, key=lambda l: l.drift) if measured else None

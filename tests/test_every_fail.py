@@ -161,3 +161,10 @@ def test_cli_gap_from_train_mode(tmp_path, healthy_mlp, blobs):
     assert result.exit_code == EXIT_FAIL, result.output
     codes = {f["code"] for f in json.loads(result.stdout)["findings"]}
     assert "gap-from-train-mode" in codes
+
+
+def test_dropout_before_a_norm_layer_does_not_explain_a_gap_with_exact_statistics():
+    exact = layer("bn", drift=0.01, dropout_var_ratio=1.4, batch_samples=8.0)
+    found = {x.code: x for x in find_causes(evidence(exact, failed=True))}
+    assert found["dropout-variance-shift"].severity is Severity.WARNING
+    assert "gap-from-train-mode" in found
