@@ -39,6 +39,7 @@ def eval_batch_dependence(adapter: ModelAdapter, batch: Any, device: torch.devic
     half = min(batch_length(inputs), PROBE_SAMPLES) // 2
     if half < 2:
         return None
+    size = batch_length(inputs)
     given = list(range(2 * half))
     first_half_twice = list(range(half)) * 2
     snapshot = adapter.snapshot()
@@ -46,13 +47,15 @@ def eval_batch_dependence(adapter: ModelAdapter, batch: Any, device: torch.devic
         adapter.move_to(device)
         adapter.set_mode(ForwardMode.EVAL)
         with adapter.no_grad():
-            reference = _output(adapter, _rows(inputs, given), device, scoring)[:half]
-            other = _output(adapter, _rows(inputs, first_half_twice), device, scoring)[:half]
+            reference = _output(adapter, _rows(inputs, given, size), device, scoring)[:half]
+            other = _output(adapter, _rows(inputs, first_half_twice, size), device, scoring)[:half]
             change = _relative_change(reference, other)
             if change <= _rounding(reference):
                 return 0.0
             # Only now worth a third forward: a model that is random in eval mode changes anyway.
-            again = _output(adapter, _rows(inputs, given), device, scoring)[:half]
+            again = _output(adapter, _rows(inputs, given, size), device, scoring)[:half]
+    except Exception:  # the passes already ran this model on this batch: a probe never fails a diagnosis
+        return None
     finally:
         adapter.restore(snapshot)
     return None if _relative_change(reference, again) > _rounding(reference) else change
@@ -71,17 +74,18 @@ def _output(adapter: ModelAdapter, inputs: Any, device: torch.device, scoring) -
     return out.detach()
 
 
-def _rows(value: Any, index: list[int]) -> Any:
-    """The samples at ``index`` of a batch's inputs (tensors, arrays, and dicts/tuples of them)."""
+def _rows(value: Any, index: list[int], size: int) -> Any:
+    """The samples at ``index`` of a batch's inputs (tensors and arrays of ``size`` rows, in dicts and
+    tuples); anything else, such as a tensor shared by the whole batch, is passed as it is."""
     if isinstance(value, dict):
-        return {key: _rows(item, index) for key, item in value.items()}
+        return {key: _rows(item, index, size) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_rows(item, index) for item in value)
+        return type(value)(_rows(item, index, size) for item in value)
+    if not hasattr(value, "shape") or not len(value.shape) or value.shape[0] != size:
+        return value
     if isinstance(value, torch.Tensor):
         return value[torch.as_tensor(index, device=value.device)]
-    if hasattr(value, "shape") and len(value.shape):
-        return value[index]  # a NumPy array
-    return value
+    return value[index]  # a NumPy array
 
 
 def _relative_change(reference: torch.Tensor, other: torch.Tensor) -> float:
