@@ -348,3 +348,53 @@ def test_evidence_defaults_keep_old_callers_working():
     ev = Evidence(layers=(layer("a"),))
     assert ev.averaging_hints == () and ev.eval_batch_dependence is None and ev.registration_order == ()
     assert find_causes(ev) == ()
+
+
+def test_averaging_hints_from_the_model_structure():
+    from bncheck.averaging import averaging_hints
+
+    net = build_net()
+    swa = AveragedModel(net)
+    swa.update_parameters(net)
+    assert averaging_hints(swa) == ("AveragedModel with n_averaged=1",)
+
+    class ModelEmaV2(nn.Module):  # the shape of timm's EMA wrappers: the averaged copy in .module
+        def __init__(self, model):
+            super().__init__()
+            self.module = model
+
+    assert averaging_hints(ModelEmaV2(build_net())) == ("an EMA wrapper ModelEmaV2",)
+    # near misses: a plain network, and names that merely contain the letters
+    class SchemaNet(nn.Sequential):
+        pass
+
+    assert averaging_hints(net) == () and averaging_hints(SchemaNet(*build_net())) == ()
+
+
+def test_probe_takes_dict_inputs_with_shared_tensors_and_never_breaks_a_diagnosis(data):
+    from bncheck.frameworks import adapter_for
+    from bncheck.probes import eval_batch_dependence
+
+    x, y = data
+
+    class Keyed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = build_net()
+
+        def forward(self, image, scale):  # scale: one tensor for the whole batch
+            return self.net(image * scale)
+
+    keyed = Keyed()
+    batch = {"inputs": {"image": x[:16], "scale": torch.tensor([2.0])}, "targets": y[:16]}
+    assert eval_batch_dependence(adapter_for(keyed), batch, torch.device("cpu"), scoring=None) == 0.0
+
+    class FailsOnDuplicates(nn.Sequential):
+        def forward(self, inputs):
+            if len(torch.unique(inputs, dim=0)) < len(inputs):
+                raise RuntimeError("duplicate samples")
+            return super().forward(inputs)
+
+    model = FailsOnDuplicates(*build_net())
+    assert eval_batch_dependence(adapter_for(model), (x[:16], y[:16]), torch.device("cpu")) is None
+    assert "batch-dependent-eval" not in codes(bncheck.diagnose(model, data, device="cpu"))
