@@ -41,8 +41,8 @@ def mode_metrics(metrics: Metrics | None):
 
 def select_output(output: Any, *, output_index: int | None = None, output_key: str | None = None) -> torch.Tensor:
     """Pick the prediction tensor from whatever the model returned."""
-    if isinstance(output, (tuple, list)) and output and all(isinstance(item, dict) for item in output):
-        raise InputError(_per_sample_dicts_message(output))
+    if isinstance(output, list) and len(output) > 1 and all(isinstance(item, dict) for item in output):
+        raise InputError(_per_sample_dicts_message(output))  # one dict per image: a detection model
     if output_key is not None:
         if isinstance(output, dict) and output_key in output:
             return select_output(output[output_key])
