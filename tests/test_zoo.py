@@ -18,8 +18,8 @@ Input sizes are 32 px, larger only where an architecture needs it (``TORCHVISION
 timm subset (``TIMM_MODELS``) is the smallest model, by parameter count, of each timm model module
 that has BatchNorm, plus the smallest of further families inside the large modules (EfficientNet's
 MixNet, MnasNet, FBNet, ...; ResNet's SE/ResNeXt/ResNet-D variants; ByobNet's RepVGG, MobileOne, ...);
-all of timm (743 BatchNorm models in timm 1.0) would take about an hour. The whole zoo takes about
-five minutes on one CPU thread (see README).
+all of timm (743 BatchNorm models in timm 1.0.31) would take an estimated hour. The whole zoo (58
+torchvision and 84 timm models) took 348 s on one CPU thread of the 2-core development machine.
 """
 from __future__ import annotations
 
