@@ -302,7 +302,8 @@ def diagnose(**params):
                 max_samples=params["max_samples"], loss_fn=loaded.loss_fn, attribute=params["attribute"],
                 attribute_top=params["attribute_top"], attribute_batches=params["attribute_batches"],
                 dropout_batches=params["dropout_batches"], missing_running_stats=loaded.missing_running_stats,
-                notes=loaded.notes, progress=progress, world=world, **_run_keywords(params))
+                averaging_hints=loaded.averaging_hints, notes=loaded.notes, progress=progress, world=world,
+                **_run_keywords(params))
         if world.is_main:
             options = _render_options(params["all_layers"], params["top"], params["per_channel"],
                                       output_path is not None)

@@ -6,14 +6,16 @@ import dataclasses
 import math
 from typing import Any, Callable
 
+from .averaging import averaging_hints as model_averaging_hints
 from .distributed import World, current_world
 from .engine import TRAIN_ON_DROPOUT_BATCHES, WITH_DROPOUT, PassResult, PassSpec, run_pass
 from .errors import InputError
 from .findings import Evidence, find_causes
 from .frameworks import ForwardMode
 from .gating import DEFAULT_MAX_GAP, DEFAULT_MAX_RELATIVE_LOSS_GAP, StopRule, gap_of, gate_of  # noqa: F401
-from .layer_report import drift_sort_key, measure_layer
+from .layer_report import drift_sort_key, measure_layer, unmeasured_note
 from .outcomes import EVAL, TRAIN, mode_metrics
+from .probes import eval_batch_dependence, first_batch
 from .report import DataSummary, Gate, LayerReport, MetricsSet, Report, Verdict
 from .run import Run, RunOptions, resolve_run
 
@@ -31,6 +33,7 @@ def diagnose(
     attribute_batches: int = 8,
     dropout_batches: int = DEFAULT_DROPOUT_BATCHES,
     missing_running_stats: tuple[str, ...] = (),
+    averaging_hints: tuple[str, ...] = (),
     notes: tuple[str, ...] = (),
     progress: Callable[[int, int | None], None] | None = None,
     world: World | None = None,
@@ -46,7 +49,8 @@ def diagnose(
     the data and all of them return the same report. Other keywords (``device``, ``batch_size``,
     ``seed``, ``max_batches``, ``max_samples``, ``amp``, ``channels_last``, ``loss_fn``,
     ``output_key``, ...) are :class:`~bncheck.run.RunOptions` and
-    :class:`~bncheck.run.ScoringOptions`.
+    :class:`~bncheck.run.ScoringOptions`. ``averaging_hints`` say why the weights look averaged
+    (SWA/EMA checkpoints); the model's own structure is checked too.
     """
     _check_arguments(max_gap, attribute_top, attribute_batches, dropout_batches)
     options = RunOptions.from_keywords(run_options)
@@ -55,6 +59,7 @@ def diagnose(
         run = resolve_run(model, data, options, world=world)
         with rank_zero_statistics(run) as rank_spread:
             result = run_pass(run, _pass_spec(run, max_gap, quick, dropout_batches), progress)
+            dependence = _eval_batch_dependence(run)
             layers = _layer_reports(run, result)
             metrics = _metrics(result)
             gate = _gate(result, max_gap)
@@ -68,8 +73,16 @@ def diagnose(
             layers=tuple(layers), metrics=metrics, gate=gate, reshuffled=run.plan.reshuffled,
             mean_majority_share=_majority(result), num_classes_seen=_classes(result),
             attribution=attribution, missing_running_stats=missing_running_stats, framework=run.framework,
-            rank_spread=rank_spread)
+            rank_spread=rank_spread, registration_order=tuple(layer.name for layer in run.layers),
+            eval_batch_dependence=dependence, averaging_hints=tuple(averaging_hints) + model_averaging_hints(model))
         return _report(run, result, layers, metrics, gate, evidence, attribution, notes)
+
+
+def _eval_batch_dependence(run: Run) -> float | None:
+    """The probe runs once, where the plan's first batch is (rank 0), and every rank gets its answer."""
+    found = eval_batch_dependence(run.adapter, first_batch(run.plan), run.device, scoring=run.scoring) \
+        if run.world.is_main else None
+    return run.world.exchange(found)[0]
 
 
 def _check_arguments(max_gap, attribute_top, attribute_batches, dropout_batches) -> None:
@@ -132,7 +145,8 @@ def _report(run, result, layers, metrics, gate, evidence, attribution, notes) ->
         device=str(run.adapter.device_used(run.device)), metrics=metrics, gap=gap_of(metrics, result.outcomes),
         gate=gate, agreement=_ratio(result, "agree.a", "agree.n"), output_divergence=_ratio(result, "diverge", "agree.n"),
         layers=tuple(layers), findings=find_causes(evidence), data=data, attribution=attribution,
-        notes=tuple(notes) + _dropout_note(result) + _nonfinite_note(result) + _quick_note(run, result))
+        notes=tuple(notes) + _dropout_note(result) + _nonfinite_note(result) + _quick_note(run, result)
+        + unmeasured_note(layers))
 
 
 def _plan_samples(plan) -> int:

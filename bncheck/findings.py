@@ -9,6 +9,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .convergence import (
+    counter_blend_ratio,
+    cumulative_average_error,
+    variance_below_counter_floor,
+    weight_left_at_init,
+)
 from .report import AttributionSummary, Finding, Gate, LayerReport, MetricsSet, Severity
 
 DRIFT_HIGH = 0.5             # mean 2-Wasserstein drift (in true std units) that counts as wrong statistics
@@ -23,6 +29,11 @@ SMALL_BATCH_SAMPLES = 16     # samples per channel in one batch
 LABEL_SORTED_SHARE = 0.9     # mean share of a batch's majority class
 DROPOUT_VAR_SHIFT = 0.1      # |variance ratio with dropout on vs off - 1|
 ALL_FIXED_RECOVERS = 0.5     # share of the gap exact statistics must close to blame the running stats
+COUNTER_BLEND_EXPLAINS = 0.5  # the counter's 0/1 blend must sit this much closer to the running stats than the data
+VARIANCE_FLOOR_SLACK = 0.95  # n EMA updates from 1 leave running_var >= (1 - m)^n; below 95% of that, the counter lies
+FIRST_LAYER_FOCUS = 3        # the first layer's drift must be this many times any later layer's
+EVAL_BATCH_DEPENDENCE_HIGH = 1e-3  # relative change of an eval output when the rest of its batch changes
+FEWEST_SAMPLES_SHOWN = 3     # layers named as the ones with the fewest samples per channel
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,9 @@ class Evidence:
     missing_running_stats: tuple[str, ...] = ()
     framework: str = "torch"
     rank_spread: dict[str, float] = field(default_factory=dict)  # per layer, across processes
+    registration_order: tuple[str, ...] = ()   # norm layer names as the model registers them
+    averaging_hints: tuple[str, ...] = ()      # why the weights look averaged (SWA, EMA), from model or checkpoint
+    eval_batch_dependence: float | None = None  # relative change of eval outputs when the rest of the batch changes
 
     @property
     def has_data(self) -> bool:
@@ -86,9 +100,21 @@ def corrupt(ev: Evidence) -> list[Finding]:
                     "produced them, look for overflow (loss scaling, learning rate).")]
 
 
+def _judged(layer: LayerReport) -> bool:
+    """Whether the layer's statistics can make eval differ from training: it keeps running statistics and
+    normalises with batch statistics under model.train(). Layers kept in eval there used the same
+    statistics in training: their drift is reported but is no finding by itself."""
+    return layer.tracks_running_stats and layer.batch_stats_in_train
+
+
+def _momentum_zero(layer: LayerReport) -> bool:
+    """momentum=0 with counted updates: the statistics never moved (momentum=None was probably meant)."""
+    return layer.framework == "torch" and layer.update_weight == 0 and (layer.num_batches_tracked or 0) > 0
+
+
 def never_updated(ev: Evidence) -> list[Finding]:
     candidates = [l for l in ev.layers if l.tracks_running_stats and (
-        l.running_stats_at_init or l.num_batches_tracked == 0 or l.name in ev.missing_running_stats)]
+        l.name in ev.missing_running_stats or (l.running_stats_at_init and l.batch_stats_in_train))]
     if ev.has_data:
         # Init-valued stats are harmless only on data that happens to be ~N(0, 1); a failed gate says it is not.
         candidates = [l for l in candidates if _drifted(l) or l.name in ev.missing_running_stats
@@ -102,88 +128,148 @@ def never_updated(ev: Evidence) -> list[Finding]:
         evidence["missing_in_checkpoint"] = list(ev.missing_running_stats[:10])
     if ev.has_data:
         evidence.update(_worst(candidates))
+    message = (f"{len(candidates)} of {len(tracked)} norm layers hold running statistics that were never "
+               "updated (mean 0, variance 1) or were not saved/loaded with the checkpoint, so eval mode "
+               "normalises with the wrong numbers.")
     fix = ("Save and load the moving statistics with the weights: `model.save('model.keras')` or "
            "`model.save_weights(...)` keeps non-trainable variables; or run `bncheck recalibrate`."
            if _keras(ev) else
            "Save and load buffers with the weights: `torch.save(model.state_dict(), path)` and "
            "`model.load_state_dict(torch.load(path))` (not `named_parameters()`); or run "
            "`bncheck recalibrate MODEL -o fixed.pt` to recompute them from data.")
+    stuck = [l for l in candidates if _momentum_zero(l) and l.running_stats_at_init]
+    if stuck:
+        evidence["momentum_zero_layers"] = len(stuck)
+        message += (f" {len(stuck)} of them have momentum=0: their statistics never moved from the reset values "
+                    f"although num_batches_tracked counts {max(l.num_batches_tracked for l in stuck)} batches; "
+                    "momentum=None (a cumulative average) was probably meant.")
+        fix = ("Construct the layers with momentum=None for a cumulative average over all batches (or the default "
+               "0.1), not momentum=0, then recompute the statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
     severity = Severity.ERROR if ev.has_data or len(candidates) == len(tracked) else Severity.WARNING
-    return [Finding("stats-never-updated", severity, _names(candidates), evidence,
-                    f"{len(candidates)} of {len(tracked)} norm layers hold running statistics that were never "
-                    "updated (mean 0, variance 1) or were not saved/loaded with the checkpoint, so eval mode "
-                    "normalises with the wrong numbers.", fix)]
+    return [Finding("stats-never-updated", severity, _names(candidates), evidence, message, fix)]
 
 
-def _keras_weight_at_init(l: LayerReport) -> float | None:
-    """Keras keeps no update counter, so with data measure it: the share of the way from the 0/1
-    initial values to the data's statistics that the moving statistics have NOT covered (per channel
-    as points (mean, std) in true-std units, summed). That is the EMA weight still on 0/1 when training
-    saw statistics like the data's; statistics of other data (pretrained ones) cover the way or more."""
-    c = l.channels
-    if l.framework != "keras" or c is None:
-        return None
-    moved = total = 0.0
-    for mean, var, run_mean, run_var in zip(c.true_mean, c.true_var, c.running_mean, c.running_var):
-        std = math.sqrt(var + l.eps)
-        init = (0.0, math.sqrt(1.0 + l.eps) / std)
-        moved += math.dist((run_mean / std, math.sqrt(max(run_var, 0.0) + l.eps) / std), init)
-        total += math.dist((mean / std, 1.0), init)
-    return max(0.0, 1.0 - moved / total) if total > 0 else None
+def counter_lost(ev: Evidence) -> list[Finding]:
+    """num_batches_tracked == 0 beside trained-looking statistics: the counter was lost, not the statistics."""
+    if _keras(ev):
+        return []  # Keras keeps no per-layer counter
+    lost = [l for l in ev.layers if l.tracks_running_stats and not l.per_instance and l.num_batches_tracked == 0
+            and not l.running_stats_at_init and not l.running_stats_corrupt and l.name not in ev.missing_running_stats]
+    if not lost:
+        return []
+    cumulative = [l for l in lost if l.update_weight is None]
+    message = (f"num_batches_tracked is 0 in {len(lost)} norm layers whose running statistics hold trained values: "
+               "the counter was lost (a checkpoint saved without it, or a reset counter), not the statistics; "
+               "eval mode is not affected by it.")
+    if cumulative:
+        message += (f" {len(cumulative)} of them use momentum=None, whose cumulative average restarts at 0: "
+                    "the next training batch would replace their statistics.")
+    return [Finding("update-counter-lost", Severity.INFO, _names(lost),
+                    {"layers": len(lost), "momentum_none_layers": len(cumulative)}, message,
+                    "Nothing to do for eval mode. To keep training momentum=None layers, recompute the statistics "
+                    "first (`bncheck recalibrate MODEL -o fixed.pt` also counts the batches it averaged).")]
+
+
+def _unconverged_by_values(l: LayerReport) -> bool:
+    """With data: the running statistics measured against the data's (see convergence.py)."""
+    if l.framework == "keras":
+        measured = weight_left_at_init(l)
+        return measured is not None and measured > KERAS_WEIGHT_AT_INIT_HIGH
+    if l.update_weight is None:
+        # A cumulative average gives 0/1 no weight; averaged over few batches it is merely noisy.
+        error = cumulative_average_error(l)
+        return bool(l.num_batches_tracked) and l.num_batches_tracked < FEW_CUMULATIVE_UPDATES \
+            and error is not None and error >= DRIFT_HIGH / 2
+    ratio = counter_blend_ratio(l)
+    return (l.initial_weight or 0.0) > INITIAL_WEIGHT_HIGH and ratio is not None and ratio < COUNTER_BLEND_EXPLAINS
+
+
+def _unconverged_by_counter(l: LayerReport, contradicted: set) -> bool:
+    """Without data: the counter (Keras: the optimizer's steps), unless the values contradict it."""
+    if not l.num_batches_tracked:
+        return False
+    if l.framework == "keras":
+        return (l.initial_weight or 0.0) > INITIAL_WEIGHT_HIGH
+    if l.update_weight is None:
+        return l.num_batches_tracked < FEW_CUMULATIVE_UPDATES
+    return (l.initial_weight or 0.0) > INITIAL_WEIGHT_HIGH and _counter(l) not in contradicted
+
+
+def _counter(l: LayerReport) -> tuple:
+    return l.update_weight, l.num_batches_tracked
+
+
+def _contradicted_counters(ev: Evidence) -> set:
+    """Counters some layer's values contradict. Layers with the same momentum and count were updated
+    together: when one of them cannot hold n updates from 0/1, the statistics were recomputed for all."""
+    return {_counter(l) for l in ev.layers if l.framework == "torch" and l.tracks_running_stats
+            and variance_below_counter_floor(l, VARIANCE_FLOOR_SLACK)}
 
 
 def not_converged(ev: Evidence, exclude: set[str]) -> list[Finding]:
+    contradicted = set() if ev.has_data else _contradicted_counters(ev)
+
     def unconverged(l: LayerReport) -> bool:
-        if not l.tracks_running_stats or l.name in exclude or l.update_weight == 0:
+        if not _judged(l) or l.name in exclude or l.update_weight == 0:
             return False  # momentum 0 (Keras: 1) freezes the statistics on purpose: not a convergence problem
-        measured = _keras_weight_at_init(l)
-        if measured is not None:
-            return measured > KERAS_WEIGHT_AT_INIT_HIGH
-        if not l.num_batches_tracked:
-            return False
-        if l.update_weight is None:
-            return l.num_batches_tracked < FEW_CUMULATIVE_UPDATES
-        return (l.initial_weight or 0.0) > INITIAL_WEIGHT_HIGH
+        if ev.has_data:
+            return _drifted(l) and _unconverged_by_values(l)
+        return _unconverged_by_counter(l, contradicted)
 
     candidates = [l for l in ev.layers if unconverged(l)]
-    if ev.has_data:
-        candidates = [l for l in candidates if _drifted(l)]
     if not candidates:
         return []
     sample = candidates[0]
-    measured = _keras_weight_at_init(sample)
-    weight = sample.initial_weight if measured is None else measured
+    measured = weight_left_at_init(sample) if ev.has_data else None
     evidence = {"num_batches_tracked": sample.num_batches_tracked, "momentum": sample.momentum,
-                "initial_weight": _round(weight)}
+                "initial_weight": _round(sample.initial_weight if measured is None else measured),
+                "judged_by": "values" if ev.has_data else "counter"}
     if ev.has_data:
+        evidence["counter_initial_weight"] = _round(sample.initial_weight)
         evidence.update(_worst(candidates))
-    if _keras(ev):
-        fix = ("Use a lower momentum such as `BatchNormalization(momentum=0.9)`, train for more steps, "
-               "or run `bncheck recalibrate model.keras -o fixed.keras`.")
-        steps = sample.num_batches_tracked
-        if measured is not None:
-            text = (f"The moving averages are still about {measured:.0%} at their initial 0/1 values (momentum "
-                    f"{sample.momentum}, Keras convention; measured against the data's statistics"
-                    + (f", after {steps} optimizer steps" if steps else "") + "), far from the data's statistics.")
-        else:
-            text = (f"The moving averages saw only {steps} optimizer steps with momentum {sample.momentum} (Keras "
-                    f"convention): {weight:.0%} of their weight is still on the values they held before (0/1 "
-                    "for a new layer, the pretrained statistics when fine-tuning).")
-    else:
-        fix = ("Use the default momentum: `nn.BatchNorm2d(C, momentum=0.1)` (PyTorch 0.01 equals Keras 0.99), "
-               "train for more steps, or recompute exact statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
-        weight_words = f"still {weight:.0%} on the initial 0/1 values" if weight is not None else "few updates"
-        text = (f"The moving averages saw only {sample.num_batches_tracked} updates with momentum {sample.momentum}: "
-                + (f"{weight_words}, far from the data's statistics." if ev.has_data else
-                   f"by the update counter alone, {weight_words}; `bncheck diagnose` measures them against data."))
-    return [Finding("stats-not-converged", Severity.ERROR if ev.has_data else Severity.WARNING, _names(candidates),
-                    evidence, text, fix)]
+    text, fix = (_keras_not_converged_text if _keras(ev) else _torch_not_converged_text)(sample, measured)
+    severity = Severity.ERROR if ev.has_data else Severity.WARNING if _keras(ev) else Severity.INFO
+    return [Finding("stats-not-converged", severity, _names(candidates), evidence, text, fix)]
+
+
+def _keras_not_converged_text(sample: LayerReport, measured: float | None) -> tuple[str, str]:
+    fix = ("Use a lower momentum such as `BatchNormalization(momentum=0.9)`, train for more steps, "
+           "or run `bncheck recalibrate model.keras -o fixed.keras`.")
+    steps = sample.num_batches_tracked
+    if measured is not None:
+        return (f"The moving averages are still about {measured:.0%} at their initial 0/1 values (momentum "
+                f"{sample.momentum}, Keras convention; measured against the data's statistics"
+                + (f", after {steps} optimizer steps" if steps else "") + "), far from the data's statistics."), fix
+    return (f"The moving averages saw only {steps} optimizer steps with momentum {sample.momentum} (Keras "
+            f"convention): {sample.initial_weight:.0%} of their weight is still on the values they held before (0/1 "
+            "for a new layer, the pretrained statistics when fine-tuning)."), fix
+
+
+def _torch_not_converged_text(sample: LayerReport, measured: float | None) -> tuple[str, str]:
+    n, weight = sample.num_batches_tracked, sample.initial_weight
+    if sample.update_weight is None:
+        error = cumulative_average_error(sample)
+        text = f"The momentum=None layers averaged only {n} batches"
+        text += (f": an average of so few batches misses the data's mean by about {error:.2g} σ." if error is not None
+                 else " (a cumulative average); by the update counter alone, `bncheck diagnose` measures them.")
+        return text, ("Average over more batches: `bncheck recalibrate MODEL -o fixed.pt` (every sample), "
+                      "or torch.optim.swa_utils.update_bn over a whole epoch.")
+    fix = ("Use the default momentum: `nn.BatchNorm2d(C, momentum=0.1)` (PyTorch 0.01 equals Keras 0.99), "
+           "train for more steps, or recompute exact statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
+    if measured is not None:
+        return (f"The running statistics are still about {measured:.0%} at their initial 0/1 values, measured "
+                f"against the data's statistics: {n} updates with momentum {sample.momentum} leave "
+                f"{weight:.0%} of the weight on the initial values, and that blend explains the drift."), fix
+    return (f"By the update counter alone (no data to check the values): {n} updates with momentum "
+            f"{sample.momentum} would leave {weight:.0%} of the weight on the initial 0/1 values if these "
+            "statistics came from training's moving average. Statistics recomputed by update_bn or "
+            "`bncheck recalibrate` carry small counters too; `bncheck diagnose` judges them from data."), fix
 
 
 def dominated_by_recent(ev: Evidence) -> list[Finding]:
-    ported = [l for l in ev.layers if l.tracks_running_stats and l.update_weight is not None
+    ported = [l for l in ev.layers if _judged(l) and l.update_weight is not None
               and l.update_weight > MOMENTUM_PORTED]
-    noisy = [l for l in ev.layers if l.tracks_running_stats and l.update_weight is not None
+    noisy = [l for l in ev.layers if _judged(l) and l.update_weight is not None
              and MOMENTUM_HIGH <= l.update_weight <= MOMENTUM_PORTED and _drifted(l)
              and (l.batch_mean_spread or 0.0) > BATCH_SPREAD_HIGH]
     candidates = ported + noisy
@@ -210,7 +296,7 @@ def dominated_by_recent(ev: Evidence) -> list[Finding]:
 
 
 def frozen_in_train_mode(ev: Evidence) -> list[Finding]:
-    candidates = [l for l in ev.layers if l.tracks_running_stats and l.params_frozen and l.batch_stats_in_train]
+    candidates = [l for l in ev.layers if _judged(l) and l.params_frozen]
     if ev.has_data:
         candidates = [l for l in candidates if _drifted(l)]
     if not candidates:
@@ -231,10 +317,93 @@ def frozen_in_train_mode(ev: Evidence) -> list[Finding]:
                     fix)]
 
 
+def forward_order(ev: Evidence) -> list[LayerReport]:
+    """The measured layers in forward order: ``LayerReport.order`` where the engine recorded it, else the
+    order in which the model registers its modules (a stem comes first in both); empty when neither is known."""
+    measured = [l for l in ev.layers if l.drift is not None]
+    if any(l.order is not None for l in measured):
+        return sorted((l for l in measured if l.order is not None), key=lambda l: l.order)
+    position = {name: index for index, name in enumerate(ev.registration_order)}
+    return sorted((l for l in measured if l.name in position), key=lambda l: position[l.name])
+
+
+def _std_ratio_furthest_from_one(layer: LayerReport) -> float | None:
+    """Running std over the data's std in the channel where it is furthest from 1 (either way)."""
+    ratios = [r for r in (layer.var_ratio_min, layer.var_ratio_max) if r is not None and r > 0]
+    if not ratios:
+        return None
+    return math.sqrt(max(ratios, key=lambda r: abs(math.log(r))))
+
+
+def _scale_hint(std_ratio: float | None) -> str:
+    if std_ratio is not None and 1 / 400 < std_ratio < 1 / 100:
+        return " The data's spread is about 255 times training's: pixels in 0–255 where training used 0–1."
+    if std_ratio is not None and 100 < std_ratio < 400:
+        return " Training's spread is about 255 times the data's: pixels in 0–1 where training used 0–255."
+    return ""
+
+
+def preprocessing_shift(ev: Evidence, exclude: set[str]) -> list[Finding]:
+    """Drift in the first norm layer alone: in train mode it absorbs any per-channel change of the input,
+    so the layers after it see what they saw in training; the input itself changed."""
+    if not ev.has_data:
+        return []
+    ordered = [l for l in forward_order(ev) if l.tracks_running_stats]
+    if len(ordered) < 2:
+        return []
+    first, later = ordered[0], [l for l in ordered[1:] if _judged(l)]
+    if first.name in exclude or not _drifted(first) or not later:
+        return []
+    later_drift = max(l.drift for l in later)
+    if later_drift >= DRIFT_NOTICEABLE or first.drift < FIRST_LAYER_FOCUS * later_drift:
+        return []
+    std_ratio = _std_ratio_furthest_from_one(first)
+    evidence = {"first_layer": first.name, "first_drift": _round(first.drift),
+                "mean_shift_max": _round(first.mean_shift_max), "std_ratio": _round(std_ratio),
+                "later_drift_max": _round(later_drift)}
+    kept = "" if first.batch_stats_in_train else \
+        " (it normalises with its running statistics under model.train() too, so training saw them as well)"
+    message = (f"Only the first norm layer, {first.name}, is off: its running mean is {first.mean_shift_max:.3g} σ "
+               f"from the data's in the worst channel and its running std {std_ratio:.3g} times the data's{kept}, "
+               f"while every later layer fits (drift at most {later_drift:.2g}). The data is almost certainly "
+               "preprocessed differently from training: Normalize(mean, std) missing or different, pixels in "
+               "0–255 vs 0–1, RGB vs BGR channel order, or a different resize." + _scale_hint(std_ratio))
+    fix = ("Feed the data exactly as in training (the same Normalize mean/std, value range, channel order and "
+           "resize). If this is the data the model will see, recompute the statistics on it: "
+           + ("`bncheck recalibrate model.keras -o fixed.keras`." if _keras(ev) else
+              "`bncheck recalibrate MODEL -o fixed.pt`."))
+    return [Finding("preprocessing-shift", Severity.ERROR if ev.gap_failed else Severity.WARNING, (first.name,),
+                    evidence, message, fix)]
+
+
+def averaged_weights(ev: Evidence, exclude: set[str]) -> list[Finding]:
+    """Averaged weights (SWA, EMA) beside statistics that do not fit them: averaging copied or skipped the buffers."""
+    if not ev.has_data or not ev.averaging_hints:
+        return []
+    candidates = [l for l in ev.layers if _judged(l) and _drifted(l) and l.name not in exclude]
+    if not candidates:
+        return []
+    evidence = {"averaging": list(ev.averaging_hints), **_worst(candidates)}
+    kept = [l.name for l in ev.layers if not _judged(l) and _drifted(l)]
+    if kept:
+        evidence["drifted_layers_kept_in_eval"] = kept[:10]
+    message = (f"The weights are averaged ({'; '.join(ev.averaging_hints)}) and {len(candidates)} norm layers hold "
+               "running statistics that do not fit them: weight averaging is the likely cause. "
+               "torch.optim.swa_utils.AveragedModel and most EMA helpers average the parameters but not the "
+               "running statistics, which still belong to other weights.")
+    if kept:
+        message += f" {len(kept)} drifted layers kept in eval by model.train() are listed for information."
+    fix = ("Recompute the statistics for the averaged weights after averaging: "
+           "torch.optim.swa_utils.update_bn(loader, swa_model) or `bncheck recalibrate MODEL -o fixed.pt`; "
+           "for an EMA, average the buffers too (AveragedModel(..., use_buffers=True)).")
+    return [Finding("averaged-weights-stale-stats", Severity.ERROR if ev.gap_failed else Severity.WARNING,
+                    _names(candidates), evidence, message, fix)]
+
+
 def mismatch(ev: Evidence, exclude: set[str]) -> list[Finding]:
     if not ev.has_data:
         return []
-    candidates = [l for l in ev.layers if _drifted(l) and l.name not in exclude]
+    candidates = [l for l in ev.layers if _judged(l) and _drifted(l) and l.name not in exclude]
     if not candidates or not (ev.gap_failed or _attribution_recovers(ev)):
         return []
     evidence = _worst(candidates)
@@ -261,7 +430,7 @@ def small_batches(ev: Evidence) -> list[Finding]:
     if not ev.has_data:
         return []
     small = [l for l in ev.layers if l.batch_samples is not None and l.batch_samples < SMALL_BATCH_SAMPLES
-             and not l.per_instance]
+             and not l.per_instance and l.batch_stats_in_train]
     if not small:
         return []
     share = ev.attribution.all_fixed.recovered_share if ev.attribution is not None else None
@@ -311,13 +480,23 @@ def dropout_shift(ev: Evidence) -> list[Finding]:
 
 def batch_dependent(ev: Evidence) -> list[Finding]:
     layers = [l for l in ev.layers if not l.tracks_running_stats]
-    if not layers:
+    if layers:
+        return [Finding("batch-dependent-eval", Severity.WARNING, _names(layers), {"layers": len(layers)},
+                        f"{len(layers)} norm layers keep no running statistics, so in eval mode they normalise each "
+                        "batch by itself and a prediction depends on the other samples in its batch.",
+                        "Construct them with `track_running_stats=True` (the default) and recalibrate, or use "
+                        "GroupNorm/LayerNorm if batch independence is not needed at train time.")]
+    change = ev.eval_batch_dependence
+    if change is None or change <= EVAL_BATCH_DEPENDENCE_HIGH:
         return []
-    return [Finding("batch-dependent-eval", Severity.WARNING, _names(layers), {"layers": len(layers)},
-                    f"{len(layers)} norm layers keep no running statistics, so in eval mode they normalise each "
-                    "batch by itself and a prediction depends on the other samples in its batch.",
-                    "Construct them with `track_running_stats=True` (the default) and recalibrate, or use "
-                    "GroupNorm/LayerNorm if batch independence is not needed at train time.")]
+    return [Finding("batch-dependent-eval", Severity.WARNING, (), {"relative_output_change": _round(change, 6)},
+                    "Eval-mode outputs depend on the batch outside the norm layers: the same samples give outputs "
+                    f"that differ by up to {change:.2g} (relative) when the other samples in their batch change, "
+                    "although every norm layer normalises with its running statistics. Something in forward uses batch "
+                    "statistics in eval mode, such as x - x.mean(0), a batch-wide softmax or normalisation.",
+                    "Make eval-mode forward treat each sample on its own (statistics over the sample's own "
+                    "dimensions, or running statistics kept in a buffer), so that a prediction does not depend on "
+                    "the batch it is in.")]
 
 
 def reused(ev: Evidence) -> list[Finding]:
@@ -347,21 +526,79 @@ def ranks_differ(ev: Evidence) -> list[Finding]:
                     "`torchrun --nproc-per-node=N -m bncheck recalibrate MODEL -o fixed.pt`.")]
 
 
+def _gap_words(gate: Gate) -> str:
+    if gate.metric == "accuracy":
+        return f"{gate.value * 100:.1f} accuracy points"
+    if gate.metric == "disagreement":
+        return f"{gate.value:.0%} of their predictions"
+    return f"a relative loss gap of {gate.value:.0%}"
+
+
+# Findings that explain why statistics would drift, not a gap by themselves: with exact statistics,
+# dropout before a norm layer changes nothing between eval mode and train mode with dropout off.
+NOT_A_GAP_CAUSE = {"dropout-variance-shift"}
+
+
+def gap_cause(ev: Evidence, findings: list[Finding]) -> list[Finding]:
+    """The last rule: a failed gate that no other rule explained still gets a cause."""
+    explaining = [f for f in findings if f.severity in (Severity.ERROR, Severity.WARNING)
+                  and f.code not in NOT_A_GAP_CAUSE]
+    if not ev.gap_failed or explaining:
+        return []
+    measured = [l for l in ev.layers if _judged(l) and l.drift is not None]
+    worst = max(measured, key=lambda l: l.drift) if measured else None
+    if worst is None or worst.drift < DRIFT_NOTICEABLE:
+        return [_gap_from_train_mode(ev, worst)]
+    above = [l for l in measured if l.drift >= DRIFT_NOTICEABLE]
+    return [Finding("unexplained-gap", Severity.WARNING, _names(above), {**_worst(above), "noticeably_drifted_layers": len(above)},
+                    f"Train mode and eval mode differ by {_gap_words(ev.gate)}, but no single cause stands out: "
+                    f"the most drifted norm layer is {worst.name} (drift {worst.drift:.2g}; {len(above)} layers "
+                    f"above {DRIFT_NOTICEABLE}), under the {DRIFT_HIGH} at which bncheck calls statistics wrong on "
+                    "their own, and several such layers can add up.",
+                    "Recompute exact statistics on this data (`bncheck recalibrate MODEL -o fixed.pt`) and diagnose "
+                    "again: if the gap closes, the running statistics were the cause; if it stays, it comes from "
+                    "train mode (small batches, or other code that depends on the batch). `--attribute` measures "
+                    "each layer's share.")]
+
+
+def _gap_from_train_mode(ev: Evidence, worst: LayerReport | None) -> Finding:
+    sampled = sorted((l for l in ev.layers if l.batch_stats_in_train and l.batch_samples is not None
+                      and not l.per_instance), key=lambda l: (l.batch_samples, l.name))[:FEWEST_SAMPLES_SHOWN]
+    evidence = {"drift_max": _round(worst.drift if worst is not None else None),
+                "fewest_samples_per_channel": {l.name: int(l.batch_samples) for l in sampled}}
+    exact = (f"The running statistics fit this data (drift at most {worst.drift:.2g} in every norm layer)"
+             if worst is not None else "No norm layer normalises with batch statistics under model.train()")
+    fewest = ", ".join(f"{l.name}: {int(l.batch_samples)}" for l in sampled)
+    return Finding("gap-from-train-mode", Severity.WARNING, _names(sampled), evidence,
+                   f"{exact}, yet train mode and eval mode differ by {_gap_words(ev.gate)}: the gap comes from "
+                   "train mode, not from eval mode. Batch statistics are noisy where a layer sees few samples per "
+                   "channel" + (f" (fewest per batch: {fewest})" if fewest else "") +
+                   ", or something else in the model depends on the batch or on model.train().",
+                   "Evaluate at a realistic batch size and input size (--batch-size, the training resolution), "
+                   "so that batch statistics are as precise as in training, or judge the model by eval mode: its "
+                   "running statistics are exact for this data.")
+
+
 def find_causes(ev: Evidence) -> tuple[Finding, ...]:
     findings = corrupt(ev)
     explained = {name for f in findings for name in f.layers}
     findings += [f for f in never_updated(ev) if not explained.issuperset(f.layers)]
     explained |= {name for f in findings for name in f.layers}
+    findings += counter_lost(ev)
     unconverged = not_converged(ev, explained)
-    findings += unconverged
     frozen = frozen_in_train_mode(ev)
     recent = dominated_by_recent(ev)
     for group in (unconverged, frozen, recent):
         explained |= {name for f in group for name in f.layers}
-    findings += frozen + recent + mismatch(ev, explained)
+    shifted = preprocessing_shift(ev, explained)
+    explained |= {name for f in shifted for name in f.layers}
+    averaged = averaged_weights(ev, explained)
+    explained |= {name for f in averaged for name in f.layers}
+    findings += unconverged + frozen + recent + shifted + averaged + mismatch(ev, explained)
     rules: list[Callable[[Evidence], list[Finding]]] = [small_batches, label_sorted, dropout_shift,
                                                         batch_dependent, reused, ranks_differ]
     for rule in rules:
         findings += rule(ev)
+    findings += gap_cause(ev, findings)
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
     return tuple(sorted(findings, key=lambda f: order[f.severity]))

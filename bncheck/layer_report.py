@@ -97,6 +97,7 @@ def measure_layer(
         channels=channels,
         order=order,
         batch_stats_in_train=layer.batch_stats_in_train,
+        running_var_min=_min(running_var),
     )
 
 
@@ -119,3 +120,13 @@ def _mean(t):
 def drift_sort_key(layer: LayerReport) -> tuple:
     """Most drifted first; layers without a drift (no running stats) last."""
     return (layer.drift is None, -(layer.drift or 0.0), layer.name)
+
+
+def unmeasured_note(layers) -> tuple[str, ...]:
+    """Name the norm layers no pass ran (auxiliary heads that only run in training, unused branches)."""
+    idle = [l.name for l in layers if l.tracks_running_stats and l.channels is None and l.calls_per_forward == 0]
+    if not idle:
+        return ()
+    shown = ", ".join(idle[:4]) + (", …" if len(idle) > 4 else "")
+    return (f"{len(idle)} norm layers never ran in the passes ({shown}): not measured, and not recalibrated "
+            "(auxiliary heads that run only in training, or branches the forward skips)",)

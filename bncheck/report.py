@@ -109,6 +109,7 @@ class LayerReport:
     attribution: Attribution | None = None
     order: int | None = None         # position in forward order (first call); None when never called
     batch_stats_in_train: bool = True  # normalises with batch statistics under model.train()
+    running_var_min: float | None = None  # smallest running variance over channels (known without data)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ def mode_metrics(metrics: Metrics | None):
 
 def select_output(output: Any, *, output_index: int | None = None, output_key: str | None = None) -> torch.Tensor:
     """Pick the prediction tensor from whatever the model returned."""
+    if isinstance(output, list) and len(output) > 1 and all(isinstance(item, dict) for item in output):
+        raise InputError(_per_sample_dicts_message(output))  # one dict per image: a detection model
     if output_key is not None:
         if isinstance(output, dict) and output_key in output:
             return select_output(output[output_key])
@@ -64,6 +66,14 @@ def select_output(output: Any, *, output_index: int | None = None, output_key: s
     if hasattr(output, "logits"):
         return select_output(output.logits)
     raise InputError(f"cannot use a model output of type {type(output).__name__}; return a tensor or pass --output-key")
+
+
+def _per_sample_dicts_message(output) -> str:
+    keys = ", ".join(sorted(str(k) for k in output[0])[:6])
+    return (f"the model returned a list of {len(output)} dicts ({keys}), one per image, as detection models do; "
+            "bncheck compares prediction tensors, so no --output-key or --output-index applies: diagnose the "
+            "backbone (a model.py whose build_model() returns it, e.g. model.backbone, with --output-key for one "
+            "feature map), or a forward that returns a tensor, judged label-free by train/eval agreement")
 
 
 def _is_one_hot(targets: torch.Tensor) -> bool:

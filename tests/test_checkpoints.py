@@ -10,6 +10,8 @@ from torch import nn
 from bncheck.errors import CheckpointError
 from bncheck.loading.checkpoints import (
     CheckpointLoad,
+    add_prefix,
+    choose_added_prefix,
     choose_prefix,
     extract_state_dict,
     load_checkpoint_into,
@@ -252,3 +254,100 @@ def test_lazy_modules_take_the_checkpoint_shapes(tmp_path):
     assert result.missing == () and result.unexpected == ()
     assert model[0].weight.shape == (4, 3)
     assert torch.equal(model[1].running_mean, torch.full((4,), 2.0))
+
+
+# --------------------------------------------------------------------------- wrappers on the model's side
+
+
+def test_plain_state_dict_into_a_data_parallel_model_gets_the_module_prefix(tmp_path):
+    state = trained_state()
+    torch.save(state, tmp_path / "plain.pt")
+    model = nn.DataParallel(TinyNet())
+    result = load_checkpoint_into(model, tmp_path / "plain.pt")
+    assert result.added_prefix == "module." and result.stripped_prefix == "" and result.missing == ()
+    assert_loaded(model.module, state)
+    # and the other way, as before: a DataParallel checkpoint into the plain model
+    torch.save(model.state_dict(), tmp_path / "dp.pt")
+    plain = TinyNet()
+    result = load_checkpoint_into(plain, tmp_path / "dp.pt")
+    assert result.stripped_prefix == "module." and result.added_prefix == ""
+    assert_loaded(plain, state)
+
+
+def test_a_prefix_is_added_only_when_it_makes_keys_match():
+    state = trained_state()
+    model = TinyNet()
+    assert choose_added_prefix(state, model.state_dict()) == ""
+    assert match_state_dict(state, nn.DataParallel(TinyNet())).keys() == nn.DataParallel(TinyNet()).state_dict().keys()
+
+
+# --------------------------------------------------------------------------- module versions (_metadata)
+
+
+class Versioned(nn.Module):
+    """Like torchvision's MNASNet: its loader reads its version from the state_dict's metadata."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_metadata_survives_extracting_stripping_and_adding_prefixes():
+    state = nn.DataParallel(Versioned()).state_dict()
+    assert state._metadata["module"]["version"] == 2
+    for wrapped in (state, {"state_dict": state}):
+        extracted = extract_state_dict(wrapped)
+        assert extracted._metadata["module"]["version"] == 2
+    stripped = strip_prefix(state, "module.")
+    assert stripped._metadata[""]["version"] == 2 and "module" not in stripped._metadata
+    added = add_prefix(stripped, "model.")
+    assert added._metadata["model"]["version"] == 2 and set(added) == {"model.layer.weight", "model.layer.bias"}
+
+
+@pytest.mark.parametrize("how", ["ddp", "copied", "safetensors"])
+def test_modules_that_need_their_version_load(tmp_path, how):
+    source = nn.DataParallel(Versioned()) if how == "ddp" else Versioned()
+    with torch.no_grad():
+        source.state_dict()[next(iter(source.state_dict()))].fill_(0.5)
+    path = tmp_path / ("v.safetensors" if how == "safetensors" else "v.pt")
+    if how == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))  # safetensors keeps no module versions
+    elif how == "copied":
+        torch.save({k: v for k, v in source.state_dict().items()}, path)  # a dict copy drops _metadata
+    else:
+        torch.save(source.state_dict(), path)
+    model = Versioned()
+    load_checkpoint_into(model, path)
+    assert torch.equal(model.layer.weight, torch.full((2, 2), 0.5))
+
+
+# --------------------------------------------------------------------------- averaged weights
+
+
+def test_ema_and_averaged_model_checkpoints_say_so(tmp_path):
+    from torch.optim.swa_utils import AveragedModel
+
+    state = trained_state()
+    torch.save({"model_ema": state, "epoch": 2}, tmp_path / "ema.pt")
+    result = load_checkpoint_into(TinyNet(), tmp_path / "ema.pt")
+    assert result.state_key == "model_ema" and "'model_ema', an EMA copy" in result.averaging_hints[0]
+    averaged = AveragedModel(TinyNet())
+    averaged.update_parameters(TinyNet())
+    torch.save(averaged.state_dict(), tmp_path / "swa.pt")
+    result = load_checkpoint_into(TinyNet(), tmp_path / "swa.pt")
+    assert result.stripped_prefix == "module." and result.unexpected == ("n_averaged",)
+    assert result.averaging_hints == ("the checkpoint is an AveragedModel's state with n_averaged=1",)
+    # the regular weights beside an EMA copy: loaded, and the EMA copy named
+    torch.save({"state_dict": state, "state_dict_ema": state}, tmp_path / "both.pt")
+    result = load_checkpoint_into(TinyNet(), tmp_path / "both.pt")
+    assert result.state_key == "state_dict" and result.ema_keys_not_loaded == ("state_dict_ema",)
+    assert result.averaging_hints == ()

@@ -161,9 +161,9 @@ def test_two_processes_give_the_single_process_report(workdir):
     assert out1 == ""  # rank 1 prints nothing on stdout
     assert_reports_match(json.loads(out0), json.loads(out))
     # each process ran about half the forwards: 6 and 5 batches of the 11, two forwards each, and
-    # rank 0 the dropout pass on batch 0
+    # rank 0, which holds batch 0, the dropout pass on it and the two forwards of the eval batch-dependence probe
     assert forwards(err0) + forwards(err1) == forwards(err)
-    assert (forwards(err0), forwards(err1)) == (2 * 6 + 1, 2 * 5)
+    assert (forwards(err0), forwards(err1)) == (2 * 6 + 1 + 2, 2 * 5)
 
 
 def test_two_processes_recalibrate_to_the_single_process_checkpoint(workdir, tmp_path):

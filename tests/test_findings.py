@@ -15,13 +15,25 @@ from torch import nn
 import bncheck
 from bncheck import findings as rules
 from bncheck.findings import Evidence, find_causes
-from bncheck.report import Attribution, AttributionSummary, Gap, Gate, LayerReport, MetricsSet, ModeMetrics, Severity
+from bncheck.report import (
+    Attribution,
+    AttributionSummary,
+    ChannelStats,
+    Gap,
+    Gate,
+    LayerReport,
+    MetricsSet,
+    ModeMetrics,
+    Severity,
+)
 from conftest import as_batches, inject_drift, make_mlp, norm_modules, train_briefly
 
 ALL_CODES = {
     "stats-never-updated", "stats-not-converged", "stats-mismatch", "frozen-bn-in-train-mode",
     "stats-dominated-by-recent-batches", "small-normalization-batch", "label-sorted-batches",
     "dropout-variance-shift", "batch-dependent-eval", "norm-layer-reused", "stats-corrupt", "rank-stats-differ",
+    "update-counter-lost", "preprocessing-shift", "averaged-weights-stale-stats", "gap-from-train-mode",
+    "unexplained-gap",
 }
 
 
@@ -35,6 +47,17 @@ def layer(name: str = "bn", **changes) -> LayerReport:
         drift_max=0.03, running_stats_at_init=False, running_stats_corrupt=False, batch_mean_spread=0.05,
         dropout_var_ratio=None)
     return dataclasses.replace(base, **changes)
+
+
+def channel_stats(mean: float, var: float, run_mean: float, run_var: float, channels: int = 4) -> ChannelStats:
+    """Every channel alike: the data's (mean, var) and the running (mean, var)."""
+    return ChannelStats((mean,) * channels, (var,) * channels, (var,) * channels, (run_mean,) * channels,
+                        (run_var,) * channels)
+
+
+def blended(weight: float, mean: float = 2.0, var: float = 4.0) -> ChannelStats:
+    """What a moving average from 0/1 holds after updates that leave ``weight`` on the initial values."""
+    return channel_stats(mean, var, (1 - weight) * mean, weight + (1 - weight) * var)
 
 
 def evidence(*layers: LayerReport, data: bool = True, failed: bool = False, **changes) -> Evidence:
@@ -97,25 +120,89 @@ def test_never_updated_without_data_and_from_a_checkpoint():
 
 
 def test_not_converged_rule_and_near_misses():
-    few = dict(num_batches_tracked=3, initial_weight=0.9**3, drift=0.9)
+    few = dict(num_batches_tracked=3, initial_weight=0.9**3, drift=0.9, channels=blended(0.9**3))
     f = codes(evidence(layer("a", **few), failed=True))["stats-not-converged"]
     assert f.severity is Severity.ERROR and f.layers == ("a",)
-    assert f.evidence["num_batches_tracked"] == 3 and f.evidence["initial_weight"] == pytest.approx(0.729)
+    assert f.evidence["num_batches_tracked"] == 3 and f.evidence["judged_by"] == "values"
+    # measured from the values: the blend leaves 73% of the way from 0/1 to the data uncovered
+    assert f.evidence["initial_weight"] == pytest.approx(0.729, abs=0.03)
+    assert f.evidence["counter_initial_weight"] == pytest.approx(0.729)
+    assert "measured against the data's statistics" in f.message
     # converged (1000 updates) but drifted: a mismatch, not a convergence problem
-    found = codes(evidence(layer("a", drift=0.9), failed=True))
+    found = codes(evidence(layer("a", drift=0.9, channels=channel_stats(2.0, 4.0, -1.0, 9.0)), failed=True))
     assert "stats-not-converged" not in found and found["stats-mismatch"].layers == ("a",)
     # few updates but accurate statistics: fine
-    assert "stats-not-converged" not in codes(evidence(layer("a", num_batches_tracked=3, initial_weight=0.729)))
+    assert "stats-not-converged" not in codes(evidence(layer("a", num_batches_tracked=3, initial_weight=0.729,
+                                                             channels=channel_stats(2.0, 4.0, 2.0, 4.0))))
     # momentum 0 freezes statistics on purpose
     frozen = dict(few, momentum=0.0, update_weight=0.0, initial_weight=1.0)
     assert "stats-not-converged" not in codes(evidence(layer("a", **frozen), failed=True))
 
 
+def test_not_converged_needs_values_that_fit_the_counter():
+    # A small counter beside statistics of other data (exact statistics recomputed by update_bn, then a
+    # diagnosis on shifted data) is a mismatch: the counter's 0/1 blend does not explain the drift.
+    other_data = dict(num_batches_tracked=8, initial_weight=0.9**8, drift=0.9,
+                      channels=channel_stats(2.0, 4.0, -0.5, 1.5))
+    found = codes(evidence(layer("a", **other_data), failed=True))
+    assert "stats-not-converged" not in found and found["stats-mismatch"].layers == ("a",)
+    # data scaled by 255: statistics of the old scale sit near 0/1 in the data's units, but not on the blend
+    scaled = dict(other_data, channels=channel_stats(255.0 * 2, 255.0 ** 2 * 4, 2.0, 4.0))
+    assert "stats-not-converged" not in codes(evidence(layer("a", **scaled), failed=True))
+    # without channel statistics (a layer that never ran) there is nothing to judge with data
+    assert "stats-not-converged" not in codes(evidence(layer("a", **dict(other_data, channels=None)), failed=True))
+
+
 def test_not_converged_cumulative_average():
     cumulative = dict(momentum=None, update_weight=None, initial_weight=0.0, drift=0.9)
-    assert "stats-not-converged" in codes(evidence(layer("a", num_batches_tracked=4, **cumulative), failed=True))
-    assert "stats-not-converged" not in codes(evidence(layer("a", num_batches_tracked=40, **cumulative),
+    noisy = dict(cumulative, batch_mean_spread=0.9)  # 4 batches miss the mean by ~0.45 sigma
+    assert "stats-not-converged" in codes(evidence(layer("a", num_batches_tracked=4, **noisy), failed=True))
+    assert "stats-not-converged" not in codes(evidence(layer("a", num_batches_tracked=40, **noisy),
                                                        failed=True))
+    # few batches, but batch means agree: the drift is not the average's noise
+    assert "stats-not-converged" not in codes(evidence(layer("a", num_batches_tracked=4, **cumulative),
+                                                       failed=True))
+    # without data the counter alone speaks, as information
+    f = codes(evidence(layer("a", num_batches_tracked=4, **cumulative), data=False))["stats-not-converged"]
+    assert f.severity is Severity.INFO and "averaged only 4 batches" in f.message
+
+
+def test_not_converged_without_data_is_the_counter_alone_unless_the_variance_contradicts_it():
+    few = dict(num_batches_tracked=3, initial_weight=0.9**3, drift=None, running_var_min=0.9)
+    f = codes(evidence(layer("a", **few), data=False))["stats-not-converged"]
+    assert f.severity is Severity.INFO and f.evidence["judged_by"] == "counter"
+    assert f.message.startswith("By the update counter alone")
+    # 3 updates from 1 leave running_var >= 0.729: a variance of 0.2 was recomputed, not averaged from 0/1
+    assert "stats-not-converged" not in codes(evidence(layer("a", **dict(few, running_var_min=0.2)), data=False))
+
+
+def test_counter_lost_is_not_never_updated():
+    lost = dict(num_batches_tracked=0, initial_weight=1.0, running_var_min=0.3)
+    found = codes(evidence(layer("a", **lost), layer("b"), data=False))
+    assert set(found) == {"update-counter-lost"}
+    f = found["update-counter-lost"]
+    assert f.severity is Severity.INFO and f.layers == ("a",) and "counter was lost" in f.message
+    cumulative = codes(evidence(layer("a", **lost, momentum=None, update_weight=None), data=False))
+    assert "restarts" in cumulative["update-counter-lost"].message
+    # near miss: a counter of 0 beside 0/1 statistics is a layer that never trained
+    at_init = dict(lost, running_stats_at_init=True, drift=1.2)
+    found = codes(evidence(layer("a", **at_init), failed=True))
+    assert "stats-never-updated" in found and "update-counter-lost" not in found
+
+
+def test_momentum_zero_where_none_was_meant():
+    stuck = dict(momentum=0.0, update_weight=0.0, num_batches_tracked=500, initial_weight=1.0,
+                 running_stats_at_init=True, drift=1.3)
+    f = codes(evidence(layer("a", **stuck), failed=True))["stats-never-updated"]
+    assert "momentum=0" in f.message and "momentum=None" in f.message and "500 batches" in f.message
+    assert f.evidence["momentum_zero_layers"] == 1 and "momentum=None" in f.fix
+    # near miss: statistics frozen with momentum=0 after they were trained are no finding
+    frozen = dict(stuck, running_stats_at_init=False, drift=0.05)
+    assert codes(evidence(layer("a", **frozen), failed=False)) == {}
+    # near miss: never updated with the default momentum reads as a plain never-updated
+    plain = codes(evidence(layer("a", **dict(stuck, momentum=0.1, update_weight=0.1, num_batches_tracked=0)),
+                           failed=True))["stats-never-updated"]
+    assert "momentum=0" not in plain.message
 
 
 # --------------------------------------------------------------------------- stats-mismatch

@@ -236,8 +236,9 @@ def test_recalibrated_model_passes_inspect_and_has_no_drift():
     assert "stats-never-updated" in {f.code for f in bncheck.inspect(model).findings}
     assert not bncheck.diagnose(model, data(), device="cpu").passed
     _, fixed = bncheck.recalibrate(model, data(), device="cpu", return_model=True)
-    # The counter now records the 3 batches averaged; from the counter alone inspect can only warn.
-    assert {f.code: f.severity.value for f in bncheck.inspect(fixed).findings} == {"stats-not-converged": "warning"}
+    # The counter now records the 3 batches averaged and the variances fit its floor: from the counter
+    # alone inspect can only say so, as information, never as a warning.
+    assert {f.code: f.severity.value for f in bncheck.inspect(fixed).findings} == {"stats-not-converged": "info"}
     assert int(fixed[1].num_batches_tracked) == 3
     # exact up to the float32 buffers, with variance conventions matched
     assert bncheck.diagnose(fixed, data(), device="cpu").layers[0].drift < 1e-6

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,10 @@ RawCheckpoint = Union[Mapping, nn.Module]
 # Keys under which common training code nests the model weights, most specific first.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
 
+# Keys under which training code keeps an EMA copy of the weights (timm, YOLO, ignite/composer recipes);
+# read only when none of STATE_DICT_KEYS holds weights.
+EMA_STATE_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict")
+
 # Key prefixes added by wrappers: DataParallel/DDP, torch.compile, Lightning modules.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 
@@ -43,6 +48,10 @@ class CheckpointLoad:
     unexpected: tuple[str, ...]
     missing_running_stats: tuple[str, ...]  # a finding for the diagnosis, not an error
     stripped_prefix: str
+    added_prefix: str = ""                  # e.g. "module." for a model wrapped in DataParallel
+    state_key: str | None = None            # the checkpoint key the weights were read from, if nested
+    ema_keys_not_loaded: tuple[str, ...] = ()  # EMA weights the checkpoint also holds
+    averaging_hints: tuple[str, ...] = ()   # why the loaded weights look averaged (SWA, EMA)
 
 
 def read_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> RawCheckpoint:
@@ -89,24 +98,39 @@ def extract_state_dict(obj: RawCheckpoint, *, source: str = "checkpoint") -> dic
     """Find the model weights in what ``read_checkpoint`` returned.
 
     Accepts a plain state_dict, one nested under a common key
-    (:data:`STATE_DICT_KEYS`, e.g. Lightning's ``{"state_dict": ..., "epoch": ...}``)
-    or a full ``nn.Module``. ``source`` names the file in error messages.
+    (:data:`STATE_DICT_KEYS`, e.g. Lightning's ``{"state_dict": ..., "epoch": ...}``, then
+    :data:`EMA_STATE_KEYS`) or a full ``nn.Module``. ``source`` names the file in error messages.
+    The state_dict's ``_metadata`` (module versions some modules need to load) is kept.
     """
+    return find_state_dict(obj, source=source)[0]
+
+
+def find_state_dict(obj: RawCheckpoint, *, source: str = "checkpoint") -> tuple[dict[str, Tensor], str | None]:
+    """``extract_state_dict`` and the key the weights were nested under (None at the top level)."""
     if isinstance(obj, nn.Module):
-        return dict(obj.state_dict())
+        return obj.state_dict(), None
     if _is_state_dict(obj):
-        return dict(obj)
-    for key in STATE_DICT_KEYS:
+        return _copy_state(obj), None
+    for key in STATE_DICT_KEYS + EMA_STATE_KEYS:
         inner = obj.get(key)
         if isinstance(inner, nn.Module):
-            return dict(inner.state_dict())
+            return inner.state_dict(), key
         if isinstance(inner, Mapping) and _is_state_dict(inner):
-            return dict(inner)
+            return _copy_state(inner), key
     found = ", ".join(str(k) for k in list(obj)[:8]) or "nothing"
     raise CheckpointError(
         f"{source}: no state_dict found (top-level keys: {found}); "
         f"expected tensors at the top level or under one of: {', '.join(STATE_DICT_KEYS)}"
     )
+
+
+def _copy_state(state: Mapping) -> "OrderedDict[str, Tensor]":
+    """A copy that keeps ``_metadata``: MNASNet and others read their version from it when loading."""
+    copied = OrderedDict(state)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        copied._metadata = metadata
+    return copied
 
 
 def choose_prefix(checkpoint_keys: Iterable[str], model_keys: Iterable[str]) -> str:
@@ -120,17 +144,50 @@ def choose_prefix(checkpoint_keys: Iterable[str], model_keys: Iterable[str]) -> 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Remove ``prefix`` from the keys that have it; other keys stay as they are.
-    On a clash the stripped key wins, since it is the one that was chosen."""
+    On a clash the stripped key wins, since it is the one that was chosen. ``_metadata`` follows the keys."""
     if not prefix:
-        return dict(state_dict)
+        return _copy_state(state_dict)
     kept = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
     stripped = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return {**kept, **stripped}
+    return _with_metadata({**kept, **stripped}, state_dict, lambda key: _strip_module_path(key, prefix))
+
+
+def choose_added_prefix(checkpoint_keys: Iterable[str], model_keys: Iterable[str]) -> str:
+    """The wrapper prefix of the model's keys (``module.`` of DataParallel, ...) whose addition to every
+    checkpoint key makes the most keys match; ``""`` when adding does not help."""
+    checkpoint_keys = set(checkpoint_keys)
+    model_keys = list(model_keys)
+    candidates = sorted(_wrapper_prefixes(model_keys), key=lambda p: (len(p), p))
+    return max(candidates, key=lambda p: len(checkpoint_keys.intersection(_stripped_keys(model_keys, p))))
+
+
+def add_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Put ``prefix`` in front of every key (and of ``_metadata``'s module paths)."""
+    if not prefix:
+        return _copy_state(state_dict)
+    return _with_metadata({prefix + k: v for k, v in state_dict.items()}, state_dict,
+                          lambda key: prefix + key if key else prefix[:-1])
 
 
 def match_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """``state_dict`` with the wrapper prefix removed that best matches ``model``'s keys."""
-    return strip_prefix(state_dict, choose_prefix(state_dict, model.state_dict()))
+    """``state_dict`` with the wrapper prefix removed (or added) that best matches ``model``'s keys."""
+    model_state = model.state_dict()
+    stripped = strip_prefix(state_dict, choose_prefix(state_dict, model_state))
+    return add_prefix(stripped, choose_added_prefix(stripped, model_state))
+
+
+def _strip_module_path(key: str, prefix: str) -> str:
+    if key == prefix[:-1]:
+        return ""
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def _with_metadata(state: dict, source: Mapping, move) -> "OrderedDict[str, Tensor]":
+    result = OrderedDict(state)
+    metadata = getattr(source, "_metadata", None)
+    if metadata is not None:
+        result._metadata = OrderedDict((move(key), value) for key, value in metadata.items())
+    return result
 
 
 def load_checkpoint_into(model: nn.Module, path: str | Path, *, unsafe_pickle: bool = False) -> CheckpointLoad:
@@ -141,10 +198,16 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, *, unsafe_pickle: b
     reported in the result, not raised: they are a finding of the diagnosis.
     """
     source = f"checkpoint {path}"
-    state_dict = extract_state_dict(read_checkpoint(path, unsafe_pickle=unsafe_pickle), source=source)
+    raw = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    state_dict, state_key = find_state_dict(raw, source=source)
     model_state = model.state_dict()
     prefix = choose_prefix(state_dict, model_state)
     matched = strip_prefix(state_dict, prefix)
+    added = choose_added_prefix(matched, model_state)
+    matched = add_prefix(matched, added)
+    if getattr(matched, "_metadata", None) is None:
+        # safetensors files and hand-copied dicts carry no module versions: the model's own are the best guess.
+        matched._metadata = getattr(model_state, "_metadata", None)
     _check_fits(matched, model_state, source)
     try:
         model.load_state_dict(matched, strict=False)
@@ -159,7 +222,28 @@ def load_checkpoint_into(model: nn.Module, path: str | Path, *, unsafe_pickle: b
         unexpected=tuple(k for k in matched if k not in model_state),
         missing_running_stats=tuple(k for k in missing if k.endswith(RUNNING_STAT_SUFFIXES)),
         stripped_prefix=prefix,
+        added_prefix=added,
+        state_key=state_key,
+        ema_keys_not_loaded=_ema_keys_beside(raw, state_key),
+        averaging_hints=_averaging_hints(state_dict, state_key),
     )
+
+
+def _ema_keys_beside(raw: RawCheckpoint, state_key: str | None) -> tuple[str, ...]:
+    if not isinstance(raw, Mapping) or _is_state_dict(raw):
+        return ()
+    return tuple(k for k in EMA_STATE_KEYS if k != state_key and isinstance(raw.get(k), (Mapping, nn.Module)))
+
+
+def _averaging_hints(state_dict: Mapping[str, Tensor], state_key: str | None) -> tuple[str, ...]:
+    """What in the file says the weights are averaged: an EMA key, or an AveragedModel's ``n_averaged``."""
+    hints = []
+    if state_key in EMA_STATE_KEYS:
+        hints.append(f"weights read from the checkpoint's {state_key!r}, an EMA copy")
+    counter = next((v for k, v in state_dict.items() if k == "n_averaged" or k.endswith(".n_averaged")), None)
+    if counter is not None and counter.numel() == 1:
+        hints.append(f"the checkpoint is an AveragedModel's state with n_averaged={int(counter.item())}")
+    return tuple(hints)
 
 
 def _check_fits(state_dict: Mapping[str, Tensor], model_state: Mapping[str, Tensor], source: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError, InputError
-from .checkpoints import RUNNING_STAT_SUFFIXES
+from .checkpoints import EMA_STATE_KEYS, RUNNING_STAT_SUFFIXES
 
 
 
@@ -33,6 +33,7 @@ class LoadedInputs:
     framework: str
     missing_running_stats: tuple[str, ...] = ()   # layer names whose buffers the checkpoint lacked
     notes: tuple[str, ...] = field(default_factory=tuple)
+    averaging_hints: tuple[str, ...] = ()          # why the checkpoint's weights look averaged (SWA, EMA)
 
 
 def is_keras_file(spec: str) -> bool:
@@ -78,13 +79,14 @@ def load_inputs(
 
         import_keras()  # BackendError if model.py imported Keras on another backend
     missing: tuple[str, ...] = ()
+    hints: tuple[str, ...] = ()
     if checkpoint is not None:
         if framework == "keras":
             from .keras_files import load_keras_weights
 
             load_keras_weights(model, checkpoint)
         else:
-            missing, load_notes = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
+            missing, load_notes, hints = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
             notes += load_notes
     loaded_data = user_data
     if data.path is not None:
@@ -95,7 +97,7 @@ def load_inputs(
                                      channels_last=framework == "keras")
     if need_data and loaded_data is None:
         raise DataError(f"no data for {model_spec}: pass --data PATH")
-    return LoadedInputs(model, loaded_data, loss_fn, framework, missing, tuple(notes))
+    return LoadedInputs(model, loaded_data, loss_fn, framework, missing, tuple(notes), hints)
 
 
 PICKLED_MODEL_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".bin")
@@ -131,6 +133,15 @@ def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
     notes = []
     if result.stripped_prefix:
         notes.append(f"checkpoint keys had prefix {result.stripped_prefix!r}, stripped to fit the model")
+    if result.added_prefix:
+        notes.append(f"checkpoint keys lacked the model's prefix {result.added_prefix!r} (a DataParallel-style "
+                     "wrapper), added to fit the model")
+    if result.state_key in EMA_STATE_KEYS:
+        notes.append(f"weights read from the checkpoint's {result.state_key!r} (an EMA copy of the weights)")
+    if result.ema_keys_not_loaded:
+        key = result.ema_keys_not_loaded[0]
+        notes.append(f"the checkpoint also holds EMA weights under {key!r}, not loaded; to diagnose them, save them "
+                     f"alone: torch.save(torch.load(path)[{key!r}], 'ema.pt')")
     running = set(result.missing_running_stats)
     other_missing = [k for k in result.missing if k not in running]
     if other_missing:
@@ -143,7 +154,7 @@ def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
         notes.append(f"checkpoint lacks {len(running)} running-statistics buffers (first: {sorted(running)[0]})")
     # Old checkpoints lack num_batches_tracked alone; that loses no statistics.
     layers = tuple(sorted({_layer_of(k) for k in running if not k.endswith(".num_batches_tracked")}))
-    return layers, notes
+    return layers, notes, result.averaging_hints
 
 
 def _layer_of(key: str) -> str:
