@@ -107,6 +107,28 @@ def make_convnet(seed: int = 0, **kwargs) -> ConvNet:
     return ConvNet(**kwargs)
 
 
+class KeepsInEval(nn.Module):
+    """The fine-tuning idiom mmdetection calls norm_eval: train() keeps the named norm layers of
+    ``net`` in eval mode, so training normalises them with their running statistics."""
+
+    def __init__(self, net: nn.Module, *names: str):
+        super().__init__()
+        self.net, self.kept = net, names
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.kept:
+            self.net.get_submodule(name).eval()
+        return self
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def layer_named(report, name: str):
+    return next(layer for layer in report.layers if layer.name == name)
+
+
 def norm_modules(model: nn.Module) -> list[tuple[str, _NormBase]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _NormBase)]
 

@@ -21,6 +21,7 @@ from conftest import (
     channel_moments,
     collect_norm_inputs,
     inject_drift,
+    layer_named,
     make_mlp,
     norm_modules,
     set_norm_train,
@@ -31,10 +32,6 @@ from conftest import (
 
 def diagnose(model, data, **options):
     return bncheck.diagnose(model, data, device="cpu", **options)
-
-
-def layer_named(report, name):
-    return next(layer for layer in report.layers if layer.name == name)
 
 
 # --------------------------------------------------------------------------- no mutation

@@ -12,11 +12,13 @@ from torch import nn
 import bncheck
 from bncheck.stats import InputStatsAccumulator
 from conftest import (
+    KeepsInEval,
     assert_state_equal,
     assert_stats_close,
     channel_moments,
     collect_norm_inputs,
     image_data,
+    layer_named,
     make_convnet,
     norm_modules,
     state_copy,
@@ -26,10 +28,6 @@ from conftest import (
 
 def diagnose(model, data, **options):
     return bncheck.diagnose(model, data, device="cpu", **options)
-
-
-def layer_named(report, name):
-    return next(layer for layer in report.layers if layer.name == name)
 
 
 @pytest.fixture(scope="module")
@@ -160,27 +158,9 @@ def test_train_mode_is_model_train_with_dropout_and_stochastic_depth_off():
     assert report.metrics.train_with_dropout is not None and report.metrics.train_with_dropout.num_samples == 32
 
 
-class NormEval(nn.Module):
-    """mmdetection-style norm_eval: train() keeps the backbone's BatchNorm in eval."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def train(self, mode=True):
-        super().train(mode)
-        if mode:
-            self.net.bn1.eval()
-            self.net.bn2.eval()
-        return self
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def test_layers_an_overridden_train_keeps_in_eval_use_their_running_statistics(trained):
     model, data = trained
-    wrapped = NormEval(copy.deepcopy(model))
+    wrapped = KeepsInEval(copy.deepcopy(model), "bn1", "bn2")
     report = diagnose(wrapped, data, batch_size=32)
     modes = {l.name: l.batch_stats_in_train for l in report.layers}
     assert modes == {"net.bn1": False, "net.bn2": False, "net.bn3": True}

@@ -26,7 +26,7 @@ from bncheck.report import (
     ModeMetrics,
     Severity,
 )
-from conftest import as_batches, inject_drift, make_mlp, norm_modules, train_briefly
+from conftest import KeepsInEval, as_batches, inject_drift, make_mlp, norm_modules, train_briefly
 
 ALL_CODES = {
     "stats-never-updated", "stats-not-converged", "stats-mismatch", "frozen-bn-in-train-mode",
@@ -376,22 +376,6 @@ def test_e2e_mismatch(healthy_convnet, images):
     assert set(found(report)) == {"stats-mismatch"}
 
 
-class KeepsBn2InEval(nn.Module):
-    """The usual fine-tuning idiom: train() keeps a frozen layer in eval mode."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.net.bn2.eval()
-        return self
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def test_e2e_frozen_bn_in_train_mode(healthy_convnet, images):
     for p in healthy_convnet.bn2.parameters():
         p.requires_grad_(False)
@@ -402,7 +386,7 @@ def test_e2e_frozen_bn_in_train_mode(healthy_convnet, images):
     assert "stats-mismatch" not in f
     # near miss: model.train() keeps the frozen layer in eval, so training used those statistics too,
     # and the layers after it settled on what it gives them
-    model = KeepsBn2InEval(healthy_convnet).train()
+    model = KeepsInEval(healthy_convnet, "bn2").train()
     with torch.no_grad():
         for _ in range(12):
             for xb in images[0].split(32):

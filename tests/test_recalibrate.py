@@ -11,6 +11,7 @@ from bncheck.errors import NoNormLayersError
 from bncheck.frameworks.torch_adapter import TorchModelAdapter
 from bncheck.recalibration import RecalibrationResult, save_recalibrated
 from conftest import (
+    KeepsInEval,
     as_batches,
     assert_state_equal,
     channel_moments,
@@ -103,20 +104,6 @@ def test_dropout_stays_off_during_recalibration(healthy_dropout_mlp, blobs):
     assert_buffers_equal_reference(fixed, dropout_off, {"1", "5"})
 
 
-class KeepsBn2InEval(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.net.bn2.eval()
-        return self
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def test_frozen_but_training_layers_are_recomputed_by_default(broken_convnet, images):
     x, y = images
     batches = as_batches(x, y, 32)
@@ -130,7 +117,7 @@ def test_frozen_but_training_layers_are_recomputed_by_default(broken_convnet, im
 def test_layers_kept_in_eval_by_train_are_kept_unless_included(broken_convnet, images):
     x, y = images
     batches = as_batches(x, y, 32)
-    model = KeepsBn2InEval(broken_convnet)
+    model = KeepsInEval(broken_convnet, "bn2")
     result, fixed = recalibrate(model, batches, return_model=True)
     assert [k.name for k in result.kept_layers] == ["net.bn2"] and result.updated_layers == ("net.bn1", "net.bn3")
     assert "model.train()" in result.kept_layers[0].reason
