@@ -7,6 +7,7 @@ imports (torch) happen inside the commands so that ``--help`` stays instant.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -18,16 +19,43 @@ from . import __version__
 from .render import OutputFormat, RenderOptions
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT; click's default 1 would read as "discrepancy found"
+# As shells report a death by signal (128 + number); click's default 1 would read as "discrepancy found".
+EXIT_INTERRUPTED = 130  # SIGINT, Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM: timeout, CI cancellation, docker stop
 
 
 class InputProblem(click.ClickException):
     exit_code = EXIT_ERROR
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so that every finally (restored model, removed temporary
+    file) runs before the exit."""
+
+
 def _one_line(text: str) -> str:
     """Messages of torch and user code can span lines; stderr gets exactly one."""
     return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. a test runner's worker)
+        return
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail_on_errors(command):
@@ -38,12 +66,16 @@ def _fail_on_errors(command):
         from .errors import BncheckError
 
         try:
-            return command(*args, **kwargs)
+            with _sigterm_unwinds():
+                return command(*args, **kwargs)
         except BncheckError as error:
             raise InputProblem(_one_line(str(error))) from error
         except KeyboardInterrupt:
             click.echo("Aborted!", err=True)
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except Terminated:
+            click.echo("Terminated.", err=True)
+            raise click.exceptions.Exit(EXIT_TERMINATED) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
@@ -105,6 +137,11 @@ def data_options(command):
     return command
 
 
+def force_option(command):
+    return click.option("--force", is_flag=True,
+                        help="Overwrite the -o file if it exists (never one of the command's inputs).")(command)
+
+
 def output_options(command):
     for decorator in reversed([
         click.option("--format", "fmt", type=click.Choice([f.value for f in OutputFormat]), default="terminal",
@@ -125,12 +162,30 @@ def _render_options(all_layers, top, per_channel=False, to_file=False) -> Render
     return RenderOptions(all_layers=all_layers, top=top, per_channel=per_channel, color=tty, width=width)
 
 
-def _emit(text: str, path: str | None) -> None:
+def _emit(text: str, target) -> None:
     """Report to stdout, or to a file written only once complete."""
-    if path is None:
+    if target is None:
         click.echo(text, nl=False)
         return
-    write_atomically(Path(path), text.encode())
+    from .files import write_output
+
+    write_output(target, lambda temp: Path(temp).write_bytes(text.encode()))
+
+
+def _output_target(path: str | None, force: bool, model_spec: str, **inputs: str | None):
+    """The checked -o of a command: never one of its inputs (MODEL, --checkpoint, --data, ...),
+    never an existing file without --force. Checked before any work is done."""
+    if path is None:
+        return None
+    from .files import OutputTarget, check_output
+    from .loading.model_sources import is_named_model_spec
+    from .loading.user_module import split_spec
+
+    named = [] if is_named_model_spec(model_spec) else [("MODEL", split_spec(model_spec)[0])]
+    named += [(f"--{option.replace('_', '-')}", Path(value)) for option, value in inputs.items() if value]
+    target = OutputTarget(Path(path), inputs=tuple(named), force=force)
+    check_output(target)
+    return target
 
 
 def _user_code_prints_to_stderr():
@@ -144,21 +199,6 @@ def _check_checkpoint_suffix(target: Path, framework: str) -> None:
         raise InputProblem(f"-o {target}: a Keras model is written as a .keras file (or .weights.h5)")
     if framework == "torch" and name.endswith((".keras", ".h5", ".hdf5")):
         raise InputProblem(f"-o {target}: a PyTorch model is written as a state_dict (.pt or .safetensors)")
-
-
-def _require_output_folder(path: str | None) -> None:
-    """Fail before the work, not after it, when -o points into a missing folder."""
-    if path is not None and not Path(path).parent.is_dir():
-        raise InputProblem(f"output folder does not exist: {Path(path).parent}")
-
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    from .files import write_bytes_atomically
-
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputProblem(f"output folder does not exist: {directory}")
-    write_bytes_atomically(path, payload)
 
 
 class _Progress:
@@ -229,11 +269,12 @@ def main():
               help="Batches the attribution runs on; it costs (top + 4) forwards over each.")
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the report to FILE (only once complete) instead of stdout.")
+@force_option
 @_fail_on_errors
 def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, image_size, normalize, layout,
              input_key, target_key, device, batch_size, seed, max_batches, quiet, fmt, all_layers, top,
              max_samples, max_gap, output_index, output_key, per_channel, attribute, attribute_top,
-             attribute_batches, output_path):
+             attribute_batches, output_path, force):
     """Compare eval-mode and train-mode BatchNorm on the data and explain the gap.
 
     Example: bncheck diagnose examples/resnet_three_images/model.py
@@ -242,7 +283,7 @@ def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, imag
     from .diagnosis import diagnose as run_diagnosis
     from .render import renderer_for
 
-    _require_output_folder(output_path)
+    target = _output_target(output_path, force, model_spec, checkpoint=checkpoint, data=data_path)
     resolve_device(device)  # fail before the model is built and trained
     with _user_code_prints_to_stderr(), _Progress(quiet, "diagnosing") as progress:
         loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
@@ -254,8 +295,8 @@ def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, imag
             output_key=output_key, input_key=input_key, target_key=target_key, attribute=attribute,
             attribute_top=attribute_top, attribute_batches=attribute_batches,
             missing_running_stats=loaded.missing_running_stats, notes=loaded.notes, progress=progress)
-    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, per_channel, output_path is not None))
-    _emit(renderer.diagnosis(report), output_path)
+    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, per_channel, target is not None))
+    _emit(renderer.diagnosis(report), target)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
 
 
@@ -264,8 +305,9 @@ def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, imag
 @output_options
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the report to FILE instead of stdout.")
+@force_option
 @_fail_on_errors
-def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers, top, output_path):
+def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers, top, output_path, force):
     """Check norm layers without data: init-valued stats, momentum, frozen layers, reuse.
 
     Example: bncheck inspect model.py --checkpoint last.ckpt
@@ -273,14 +315,14 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
     from .inspection import inspect as run_inspection
     from .render import renderer_for
 
-    _require_output_folder(output_path)
+    target = _output_target(output_path, force, model_spec, checkpoint=checkpoint)
     with _user_code_prints_to_stderr():
         loaded = _load(model_spec, need_data=False, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                        num_classes=num_classes)
         report = run_inspection(loaded.model, missing_running_stats=loaded.missing_running_stats,
                                 notes=loaded.notes)
-    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, False, output_path is not None))
-    _emit(renderer.inspection(report), output_path)
+    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, False, target is not None))
+    _emit(renderer.inspection(report), target)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
 
 
@@ -289,7 +331,7 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
 @data_options
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help="New checkpoint: a state_dict (.pt), or a .keras file for Keras models.")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@force_option
 @click.option("--num-samples", type=click.IntRange(min=2), help="Recompute from at most N samples.")
 @click.option("--include-frozen", is_flag=True, help="Also recompute layers whose parameters are frozen.")
 @click.option("--val-data", type=click.Path(), help="Also report eval metrics before/after on this data.")
@@ -306,23 +348,19 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
     Example: bncheck recalibrate model.py -o fixed.pt
     """
     from .devices import resolve_device
-    from .errors import OutputExistsError
-    from .recalibration import recalibrate as run_recalibration, save_recalibrated
+    from .files import write_output
+    from .frameworks import adapter_for
+    from .recalibration import recalibrate as run_recalibration
     from .render import renderer_for
 
-    target = Path(output_path)
-    # Checked first: --force, which the next message suggests, would not help here.
-    if checkpoint is not None and Path(checkpoint).resolve() == target.resolve():
-        raise OutputExistsError("-o must differ from --checkpoint: the original checkpoint is never overwritten")
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
-    _require_output_folder(output_path)
+    target = _output_target(output_path, force, model_spec, checkpoint=checkpoint, data=data_path,
+                            val_data=val_data)
     resolve_device(device)  # fail before the model is built and trained
     with _user_code_prints_to_stderr(), _Progress(quiet, "recalibrating") as progress:
         loaded = _load(model_spec, need_data=True, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                        num_classes=num_classes, data_path=data_path, image_size=image_size, normalize=normalize,
                        layout=layout, input_key=input_key, target_key=target_key)
-        _check_checkpoint_suffix(target, loaded.framework)
+        _check_checkpoint_suffix(target.path, loaded.framework)
         validation = None
         if val_data is not None:
             from .loading.data_sources import load_data_path
@@ -336,7 +374,8 @@ def recalibrate(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, i
             val_data=validation, loss_fn=loaded.loss_fn, output_index=output_index, output_key=output_key,
             input_key=input_key, target_key=target_key,
             progress=progress, return_model=True)
-        saved = save_recalibrated(fixed_model, target, result)
+        write_output(target, adapter_for(fixed_model).save)
+    saved = dataclasses.replace(result, output_path=str(target.path))
     renderer = renderer_for(OutputFormat(fmt))(RenderOptions(color=sys.stdout.isatty()))
     _emit(renderer.recalibration(saved), None)
 

@@ -38,6 +38,10 @@ class OutputExistsError(InputError):
     """Refusing to overwrite an existing output file."""
 
 
+class OutputIsInputError(InputError):
+    """Refusing an output file that is one of the command's inputs (by any name or link)."""
+
+
 class BackendError(InputError):
     """An optional framework (torchvision, timm, keras, safetensors) is missing or misconfigured."""
 

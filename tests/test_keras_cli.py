@@ -278,6 +278,14 @@ def test_stats_of_other_data_are_a_mismatch_not_unconverged(tiny):
     assert not report.passed and "stats-mismatch" in found and "stats-not-converged" not in found
 
 
+def test_recalibrate_force_never_replaces_the_keras_model_file(tiny, tmp_path):
+    model_file = tmp_path / "model.keras"
+    model_file.write_bytes(tiny["keras"].read_bytes())
+    input_error(run("recalibrate", model_file, "--data", tiny["data"], "-o", model_file, "--force"),
+                "is the MODEL file", "never writes over")
+    assert model_file.read_bytes() == tiny["keras"].read_bytes()
+
+
 # --- the Keras examples -------------------------------------------------------------------------------
 
 
