@@ -89,6 +89,31 @@ def _fail_on_errors(command):
     return wrapper
 
 
+class OneLineErrorGroup(click.Group):
+    """click prints a usage error as four lines (usage, hint, blank, error); bncheck prints one,
+    with exit code 2, like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()  # `bncheck` alone: the help, as click shows it
+            sys.exit(EXIT_ERROR)
+        except click.UsageError as error:
+            where = f" See '{error.ctx.command_path} --help'." if error.ctx is not None else ""
+            click.echo(_one_line(f"Error: {error.format_message()}{where}"), err=True)
+            sys.exit(EXIT_ERROR)
+        except click.ClickException as error:
+            click.echo(_one_line(f"Error: {error.format_message()}"), err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 def _check_device(ctx, param, value):
     from .devices import validate_device_text
     from .errors import InputError
@@ -238,7 +263,7 @@ def _load(model_spec, *, need_data, checkpoint, unsafe_pickle, num_classes, data
                        data=DataOptions(data_path, image_size, normalize, layout, input_key, target_key))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="bncheck")
 def main():
     """Find, explain and fix BatchNorm train/eval discrepancies.
