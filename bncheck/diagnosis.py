@@ -73,6 +73,9 @@ def diagnose(
     metrics = _metrics_set(result)
     gap = _gap(metrics)
     gate = _gate(result, gap, max_gap)
+    if result.nonfinite_eval_batches:
+        # NaN or inf predictions fail whatever the metric says (argmax of NaN is no prediction).
+        gate = Gate("nonfinite_eval_outputs", result.nonfinite_eval_batches / max(result.num_batches, 1), 0.0, False)
     attribution = None
     if attribute:
         from .attribution import attribute_gap
