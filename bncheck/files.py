@@ -226,16 +226,8 @@ def _writing(target: OutputTarget, action: Callable[[], None]) -> None:
 
 def _write_error(target: OutputTarget, error: Exception) -> InputError:
     reason = error.strerror if isinstance(error, OSError) and error.strerror else summarize(error, 160)
-    hint = ("free some disk space or write to another folder" if _out_of_space(error)
-            else f"check the folder's free space and permissions, or choose another {target.option}")
-    return InputError(f"cannot write {target.path}: {reason}; {hint}")
-
-
-def _out_of_space(error: Exception) -> bool:
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    text = str(error).lower()
-    return any(word in text for word in ("no space", "file write failed", "quota", "too large"))
+    return InputError(f"cannot write {target.path}: {reason}; check the free disk space and the folder's "
+                      f"permissions, or choose another {target.option}")
 
 
 def _process_alive(pid: int) -> bool:
