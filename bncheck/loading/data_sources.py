@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import math
 import pickle
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from ..batches import UnlabelledDataset
-from ..errors import BackendError, DataError, InputError
+from ..errors import BackendError, DataError, InputError, summarize
 
 
 class Layout(enum.Enum):
@@ -241,14 +243,55 @@ def _torch_load_data(path: Path) -> object:
 
 
 def _numpy_load(path: Path) -> dict[str, Tensor]:
+    _check_numpy_file(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return {"array": _from_numpy(loaded, path)}
         with loaded:
             return {name: _from_numpy(loaded[name], path) for name in loaded.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"data {path} cannot be read by numpy: {exc}") from exc
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
+        raise DataError(f"data {path} cannot be read by numpy ({summarize(exc)}); write it again with "
+                        "numpy.save/savez") from exc
+
+
+def _check_numpy_file(path: Path) -> None:
+    """Read the headers before the arrays: a damaged or hostile header must not make numpy allocate
+    what it claims (10**12 items), nor may garbage reach numpy's pickle fallback."""
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(path, "rb") as handle:
+                _check_npy_header(handle, path.stat().st_size, f"data {path}")
+            return
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"data {path} is not a .npz archive; write it with numpy.savez(path, x=..., y=...)")
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as member:
+                        _check_npy_header(member, info.file_size, f"data {path}, array {info.filename[:-4]!r},")
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:  # RuntimeError: encrypted
+        raise DataError(f"data {path} is damaged ({summarize(exc)}); write it again with numpy.save/savez") from exc
+
+
+def _check_npy_header(handle, size: int, what: str) -> None:
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0)):
+            return  # a newer header format: numpy reads it, and this check does not
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = read(handle)
+    except (ValueError, TypeError, SyntaxError) as exc:
+        raise DataError(f"{what} is not a numpy array file ({summarize(exc, 120)}); write it with numpy.save") \
+            from exc
+    if dtype.hasobject:
+        raise DataError(f"{what} holds Python objects (dtype {dtype}), which bncheck does not unpickle; "
+                        "save numeric arrays")
+    claimed = math.prod(shape) * dtype.itemsize
+    available = size - handle.tell()
+    if claimed > available:
+        raise DataError(f"{what} claims an array of shape {tuple(shape)} ({claimed} bytes) but holds "
+                        f"{max(available, 0)}: the file is truncated or damaged")
 
 
 def _from_numpy(array: np.ndarray, path: Path) -> Tensor:
