@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .arguments import SEED_MAX, SEED_MIN
 from .render import OutputFormat, RenderOptions
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
@@ -102,8 +103,10 @@ class OneLineErrorGroup(click.Group):
             error.show()  # `bncheck` alone: the help, as click shows it
             sys.exit(EXIT_ERROR)
         except click.UsageError as error:
+            message = error.format_message().rstrip()
+            message += "" if message.endswith((".", "?", "!", ")")) else "."
             where = f" See '{error.ctx.command_path} --help'." if error.ctx is not None else ""
-            click.echo(_one_line(f"Error: {error.format_message()}{where}"), err=True)
+            click.echo(_one_line(f"Error: {message}{where}"), err=True)
             sys.exit(EXIT_ERROR)
         except click.ClickException as error:
             click.echo(_one_line(f"Error: {error.format_message()}"), err=True)
@@ -122,6 +125,12 @@ def _check_device(ctx, param, value):
         return validate_device_text(value)
     except InputError as error:
         raise click.BadParameter(str(error)) from error
+
+
+def _check_not_nan(ctx, param, value):
+    if value is not None and value != value:
+        raise click.BadParameter("nan is not a number; pass a fraction such as 0.05")
+    return value
 
 
 def model_options(command):
@@ -152,8 +161,8 @@ def data_options(command):
         click.option("--device", default="auto", show_default=True, envvar="BNCHECK_DEVICE",
                      callback=_check_device, help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", type=click.IntRange(min=2), help="Batch size (default: the loader's)."),
-        click.option("--seed", type=int, default=0, show_default=True, envvar="BNCHECK_SEED",
-                     help="Seed of the batch shuffle."),
+        click.option("--seed", type=click.IntRange(SEED_MIN, SEED_MAX), default=0, show_default=True,
+                     envvar="BNCHECK_SEED", help="Seed of the batch shuffle."),
         click.option("--max-batches", type=click.IntRange(min=1), envvar="BNCHECK_MAX_BATCHES",
                      help="Use at most N batches (a seeded uniform subset)."),
         click.option("--quiet", "-q", is_flag=True, envvar="BNCHECK_QUIET", help="No progress bar."),
@@ -281,7 +290,7 @@ def main():
 @data_options
 @output_options
 @click.option("--max-samples", type=click.IntRange(min=2), help="Use at most N samples (seeded uniform subset).")
-@click.option("--max-gap", type=click.FloatRange(min=0), envvar="BNCHECK_MAX_GAP",
+@click.option("--max-gap", type=click.FloatRange(min=0), envvar="BNCHECK_MAX_GAP", callback=_check_not_nan,
               help="Largest train-minus-eval accuracy gap that passes, as a fraction [default: 0.05]; "
                    "for tasks without accuracy, the relative loss gap [default: 0.10].")
 @click.option("--output-index", type=int, help="Which element of a tuple output holds the predictions.")
