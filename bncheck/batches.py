@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
+from .arguments import check_batching
 from .errors import DataError
 
 DEFAULT_BATCH_SIZE = 32
@@ -81,6 +82,7 @@ def plan_batches(
     max_samples: int | None = None,
 ) -> BatchPlan:
     """Decide the batches a diagnosis runs on."""
+    check_batching(batch_size=batch_size, seed=seed, max_batches=max_batches, max_samples=max_samples)
     if batch_size is not None and batch_size < 2:
         raise DataError("batch size must be at least 2: train-mode BatchNorm needs 2+ samples per batch")
     if data is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .arguments import check_max_gap
 from .batches import plan_batches
 from .devices import resolve_device
 from .errors import InputError, NoNormLayersError
@@ -45,8 +46,7 @@ def diagnose(
     ``max_gap`` is the largest accuracy gap (train-mode minus eval-mode) that passes;
     for tasks without accuracy it is the relative loss gap (default 0.10).
     """
-    if max_gap is not None and max_gap < 0:
-        raise InputError("max_gap must be >= 0")
+    check_max_gap(max_gap)
     for name, value in (("max_batches", max_batches), ("attribute_batches", attribute_batches),
                         ("attribute_top", attribute_top)):
         if value is not None and value < 1:
