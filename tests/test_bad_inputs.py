@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -74,3 +75,119 @@ def test_nan_eval_outputs_fail_in_the_library():
     assert not report.passed
     assert report.gate.metric == "nonfinite_eval_outputs" and report.gate.value == 1.0
     assert "stats-corrupt" in {f.code for f in report.findings}
+
+
+# --- I/O and input failures are input errors (item 6) ---------------------------------------------
+
+
+def _run_with_file_size_limit(args, limit_bytes=2000):
+    """The CLI in a fresh interpreter that may write at most ``limit_bytes`` per file: a full disk."""
+    resource = pytest.importorskip("resource")
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_cli import REPO
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then write() fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "bncheck", *map(str, args)], preexec_fn=limit, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+@pytest.mark.parametrize("command, output", [("diagnose", "report.json"), ("recalibrate", "fixed.pt"),
+                                             ("recalibrate", "fixed.safetensors")])
+def test_a_write_that_runs_out_of_space_is_an_input_error(command, output, tmp_path):
+    model_py = write_model(tmp_path, extra="""
+        _build = build_model
+        def build_model():  # a state_dict bigger than the limit
+            model = _build()
+            model.register_buffer("padding", torch.zeros(4096))
+            return model
+        """)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [command, model_py, "-o", out / output] + (["--format", "json", "--per-channel"] if command == "diagnose" else [])
+    done = _run_with_file_size_limit(args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {out / output}"), done.stderr
+    assert "internal error" not in lines[0] and "free disk space" in lines[0]
+    assert list(out.iterdir()) == []
+
+
+def test_writing_to_a_full_device_is_an_input_error(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    assert_input_error(run("diagnose", write_model(tmp_path), "-o", "/dev/full"), "cannot write /dev/full",
+                       "No space left on device", "free disk space")
+
+
+def test_tied_weights_are_written_as_safetensors(tmp_path):
+    model_py = write_model(tmp_path, extra="""
+        _build = build_model
+        class Tied(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner, self.alias = inner, inner[0]  # one Linear under two names: tied weights
+            def forward(self, x):
+                return self.inner(x)
+        def build_model():
+            return Tied(_build())
+        """)
+    fixed = tmp_path / "fixed.safetensors"
+    result = run("recalibrate", model_py, "-o", fixed)
+    assert result.exit_code == 0, result.stderr
+    from safetensors.torch import load_file
+
+    state = load_file(str(fixed))
+    assert torch.equal(state["inner.0.weight"], state["alias.weight"])
+    assert run("diagnose", model_py, "--checkpoint", fixed).exit_code == 0
+
+
+def _npy_claiming(items: int) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": (items, 4)})
+    return buffer.getvalue() + b"\0" * 64
+
+
+def _damaged_npz(tmp_path) -> bytes:
+    import numpy as np
+
+    np.savez(tmp_path / "good.npz", x=np.ones((64, 4), dtype="float32"), y=np.arange(64) % 3)
+    payload = bytearray((tmp_path / "good.npz").read_bytes())
+    payload[200] ^= 0xFF  # inside x's data: the zip's checksum no longer matches
+    return bytes(payload)
+
+
+@pytest.mark.parametrize("name, payload, fragment", [
+    ("garbage.npz", lambda tmp: b"garbage", "not a .npz archive"),
+    ("truncated.npz", lambda tmp: b"PK\x03\x04" + b"\0" * 40, "not a .npz archive"),
+    ("damaged.npz", _damaged_npz, "damaged"),
+    ("huge.npy", lambda tmp: _npy_claiming(10 ** 12), "claims an array of shape (1000000000000, 4)"),
+    ("garbage.npy", lambda tmp: b"garbage", "not a numpy array file"),
+    ("objects.npy", lambda tmp: b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (3,), }"
+     .ljust(128, b" ")[:127] + b"\n", "holds Python objects"),
+])
+def test_damaged_numpy_files_are_input_errors(name, payload, fragment, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(payload(tmp_path))
+    assert_input_error(run("diagnose", write_model(tmp_path), "--data", path), f"data {path}", fragment)
+
+
+def test_a_seed_beyond_64_bits_is_a_usage_error(tmp_path):
+    assert_input_error(run("diagnose", write_model(tmp_path), "--seed", "100000000000000000000000"),
+                       "Invalid value for '--seed'")
+
+
+def test_a_head_too_big_to_allocate_is_an_input_error():
+    pytest.importorskip("torchvision")
+    assert_input_error(run("inspect", "torchvision:resnet18", "--num-classes", "1000000000000"),
+                       "torchvision:resnet18 cannot be built", "number of classes")
