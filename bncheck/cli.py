@@ -354,7 +354,7 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
         loaded = _load(model_spec, need_data=False, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                        num_classes=num_classes)
         report = run_inspection(loaded.model, missing_running_stats=loaded.missing_running_stats,
-                                notes=loaded.notes)
+                                missing_update_counts=loaded.missing_update_counts, notes=loaded.notes)
     renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, False, target is not None))
     _emit(renderer.inspection(report), target)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)

@@ -24,10 +24,12 @@ class InspectionReport:
         return self.verdict is Verdict.PASS
 
 
-def inspect(model: Any, *, missing_running_stats: tuple[str, ...] = (), notes: tuple[str, ...] = ()) -> InspectionReport:
+def inspect(model: Any, *, missing_running_stats: tuple[str, ...] = (), notes: tuple[str, ...] = (),
+            missing_update_counts: tuple[str, ...] = ()) -> InspectionReport:
     """Init-valued or missing statistics, momentum, frozen layers and shared modules, from the model alone.
 
-    The verdict fails only on error-severity findings.
+    ``missing_update_counts`` names layers whose ``num_batches_tracked`` a checkpoint lacked: their
+    counter (0 after loading) is unknown, not a count. The verdict fails only on error-severity findings.
     """
     adapter = adapter_for(model)
     layers = adapter.norm_layers()
@@ -36,7 +38,10 @@ def inspect(model: Any, *, missing_running_stats: tuple[str, ...] = (), notes: t
     reports = []
     for layer in layers:
         report = measure_layer(layer, None, forwards=0, initial_training=layer.is_training)
-        reports.append(replace(report, calls_per_forward=float(uses.get(id(layer.source_module), 1))))
+        report = replace(report, calls_per_forward=float(uses.get(id(layer.source_module), 1)))
+        if layer.name in missing_update_counts:
+            report = replace(report, num_batches_tracked=None, initial_weight=None)
+        reports.append(report)
     evidence = Evidence(layers=tuple(reports), missing_running_stats=missing_running_stats,
                         framework=adapter.framework)
     findings = find_causes(evidence)

@@ -191,3 +191,35 @@ def test_a_head_too_big_to_allocate_is_an_input_error():
     pytest.importorskip("torchvision")
     assert_input_error(run("inspect", "torchvision:resnet18", "--num-classes", "1000000000000"),
                        "torchvision:resnet18 cannot be built", "number of classes")
+
+
+# --- a checkpoint without num_batches_tracked (item 7) --------------------------------------------
+
+FRESH_MODEL = """
+import torch
+from torch import nn
+
+def build_model():  # a fresh model: num_batches_tracked is 0 until a checkpoint is loaded
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+"""
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_a_checkpoint_without_update_counters_is_judged_by_its_values(trained, tmp_path):
+    from test_cli import write_source
+
+    model_py = write_source(tmp_path, FRESH_MODEL)
+    state = (mlp() if trained else import_file(model_py).build_model()).state_dict()
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    result = run("inspect", model_py, "--checkpoint", tmp_path / "old.pt", "--format", "json")
+    report = json.loads(result.stdout)
+    codes = {f["code"] for f in report["findings"]}
+    if trained:
+        assert result.exit_code == 0 and not codes & {"stats-never-updated", "stats-not-converged"}, codes
+        assert report["layers"][0]["num_batches_tracked"] is None
+    else:  # mean 0 and variance 1: never updated, whatever the counter
+        assert result.exit_code == 1 and "stats-never-updated" in codes
+    text = run("inspect", model_py, "--checkpoint", tmp_path / "old.pt").stdout
+    assert "lacks num_batches_tracked of 1 norm layers" in " ".join(text.split())
