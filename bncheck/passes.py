@@ -107,6 +107,7 @@ def run_passes(
                 _check_finite(inputs, f"inputs of batch {index}")
                 inputs = adapter.prepare_inputs(inputs, device)
                 targets = _as_tensor(targets, index)
+                _check_finite(targets, f"targets of batch {index}")  # a NaN target is bad data, not a gap
                 if isinstance(targets, torch.Tensor):
                     targets = targets.to(device)
                 outputs = {}
