@@ -223,3 +223,39 @@ def test_a_checkpoint_without_update_counters_is_judged_by_its_values(trained, t
         assert result.exit_code == 1 and "stats-never-updated" in codes
     text = run("inspect", model_py, "--checkpoint", tmp_path / "old.pt").stdout
     assert "lacks num_batches_tracked of 1 norm layers" in " ".join(text.split())
+
+
+# --- NaN is bad input, not a discrepancy (item 8) -------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_regression_target_is_an_input_error(bad):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    x, _ = data()
+    targets = x.sum(1, keepdim=True)
+    targets[40] = bad
+    with pytest.raises(bncheck.errors.NonFiniteError, match="targets of batch .* contain NaN or inf"):
+        bncheck.diagnose(model, (x, targets), device="cpu")
+
+
+def test_a_nan_target_in_a_data_file_is_an_input_error(tmp_path):
+    x, y = data()
+    y = y.float()
+    y[5] = math.nan
+    torch.save((x, y), tmp_path / "nan_targets.pt")
+    assert_input_error(run("diagnose", write_model(tmp_path), "--data", tmp_path / "nan_targets.pt"),
+                       "targets of batch", "NaN or inf")
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_max_gap_nan_is_a_usage_error(how, tmp_path):
+    model_py = write_model(tmp_path)
+    result = run("diagnose", model_py, "--max-gap", "nan") if how == "option" else \
+        run("diagnose", model_py, env={"BNCHECK_MAX_GAP": "nan"})
+    assert_input_error(result, "Invalid value for '--max-gap'", "nan is not a number")
+
+
+def test_max_gap_nan_is_an_input_error_in_the_library():
+    with pytest.raises(bncheck.InputError, match="max_gap must be a number >= 0"):
+        bncheck.diagnose(mlp(), data(), max_gap=math.nan, device="cpu")
