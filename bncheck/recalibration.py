@@ -93,14 +93,20 @@ def recalibrate(
                           progress=progress, total_batches=plan.num_batches, keep_eval=frozenset(skipped))
     val_plan = plan_batches(val_data, batch_size=batch_size, seed=seed) if val_data is not None else None
     val_before = _evaluate(adapter, val_plan, torch_device, scoring) if val_plan else None
-    for layer in chosen:
-        stats = measured.layer_stats.get(layer.name)
-        if stats is not None:
-            layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased, num_batches=stats.num_batches)
-    after = _evaluate(adapter, plan, torch_device, scoring)
-    evaluations = [EvalComparison("data", mode_metrics(measured.metrics[ForwardMode.EVAL]), after)]
-    if val_plan is not None:
-        evaluations.append(EvalComparison("val-data", val_before, _evaluate(adapter, val_plan, torch_device, scoring)))
+    before_writing = adapter.snapshot()
+    try:  # all or nothing: a failure in the evaluations after writing puts the old statistics back
+        for layer in chosen:
+            stats = measured.layer_stats.get(layer.name)
+            if stats is not None:
+                layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased, num_batches=stats.num_batches)
+        after = _evaluate(adapter, plan, torch_device, scoring)
+        evaluations = [EvalComparison("data", mode_metrics(measured.metrics[ForwardMode.EVAL]), after)]
+        if val_plan is not None:
+            evaluations.append(EvalComparison("val-data", val_before,
+                                              _evaluate(adapter, val_plan, torch_device, scoring)))
+    except BaseException:
+        adapter.restore(before_writing)
+        raise
     updated = tuple(l.name for l in chosen if l.name in measured.layer_stats)
     result = RecalibrationResult(len(updated), updated, skipped, measured.num_samples, measured.num_batches,
                                  tuple(evaluations))
