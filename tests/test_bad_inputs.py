@@ -259,3 +259,75 @@ def test_max_gap_nan_is_a_usage_error(how, tmp_path):
 def test_max_gap_nan_is_an_input_error_in_the_library():
     with pytest.raises(bncheck.InputError, match="max_gap must be a number >= 0"):
         bncheck.diagnose(mlp(), data(), max_gap=math.nan, device="cpu")
+
+
+# --- the library (item 9) ---------------------------------------------------------------------------
+
+
+class FailsOnSecondPass:
+    """Batches that load once; on the second pass over them batch 1 cannot be read."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for index, batch in enumerate(self.batches):
+            if self.passes == 2 and index == 1:
+                raise OSError("the network share went away")
+            yield batch
+
+
+def test_inplace_recalibration_is_all_or_nothing():
+    from conftest import assert_state_equal, state_copy
+
+    model = mlp()
+    with torch.no_grad():
+        model[1].running_mean += 3.0  # something for recalibration to change
+    before = state_copy(model)
+    x, y = data()
+    batches = FailsOnSecondPass(list(zip(x.split(32), y.split(32))))
+    with pytest.raises(bncheck.errors.DataError, match="cannot load batch 1"):
+        bncheck.recalibrate(model, batches, inplace=True, device="cpu")
+    assert batches.passes == 2  # the statistics were measured and written before the failure
+    assert_state_equal(model, before)
+    result = bncheck.recalibrate(model, list(zip(x.split(32), y.split(32))), inplace=True, device="cpu")
+    assert result.layers_updated == 1 and not torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+def _weight_norm_model():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, and still used
+        layer = torch.nn.utils.weight_norm(nn.Linear(4, 8))
+    return nn.Sequential(layer, nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _model_holding_a_lock():
+    import threading
+
+    model = mlp()
+    model.lock = threading.Lock()
+    return model
+
+
+@pytest.mark.parametrize("build", [_weight_norm_model, _model_holding_a_lock])
+def test_a_model_that_cannot_be_copied_is_told_to_recalibrate_in_place(build):
+    with pytest.raises(bncheck.InputError, match=r"cannot copy the model .*inplace=True"):
+        bncheck.recalibrate(build(), data(), device="cpu")
+    model = build()
+    assert bncheck.recalibrate(model, data(), inplace=True, device="cpu").layers_updated == 1
+
+
+@pytest.mark.parametrize("argument, value, fragment", [
+    ("batch_size", 2.5, "batch_size must be a whole number, got 2.5"),
+    ("batch_size", True, "batch_size must be a whole number"),
+    ("seed", 2 ** 70, "seed must be a whole number from"),
+    ("seed", 1.5, "seed must be a whole number from"),
+    ("max_batches", 1.5, "max_batches must be a whole number"),
+])
+@pytest.mark.parametrize("function", ["diagnose", "recalibrate"])
+def test_numeric_arguments_of_the_wrong_type_or_range_are_input_errors(function, argument, value, fragment):
+    with pytest.raises(bncheck.InputError, match=fragment):
+        getattr(bncheck, function)(mlp(), data(), device="cpu", **{argument: value})
