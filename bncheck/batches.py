@@ -50,7 +50,11 @@ def _is_map_style(data: Any) -> bool:
 
 def as_dataset(data: Any) -> Any:
     """Accept a tensor pair or a bare tensor as a dataset."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        raise DataError("data is a list of two tensors, which reads as (inputs, targets) or as two batches of "
+                        "inputs: pass a tuple (inputs, targets) or a TensorDataset for labelled data, or a list "
+                        "of 1-tuples [(batch,), (batch,)] for two unlabelled batches")
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         inputs, targets = data
         if len(inputs) != len(targets):
             raise DataError(f"inputs hold {len(inputs)} samples but targets hold {len(targets)}")
