@@ -331,3 +331,19 @@ def test_a_model_that_cannot_be_copied_is_told_to_recalibrate_in_place(build):
 def test_numeric_arguments_of_the_wrong_type_or_range_are_input_errors(function, argument, value, fragment):
     with pytest.raises(bncheck.InputError, match=fragment):
         getattr(bncheck, function)(mlp(), data(), device="cpu", **{argument: value})
+
+
+# --- a list of two tensors is ambiguous (item 10) --------------------------------------------------
+
+
+def test_a_list_of_two_tensors_is_refused_with_the_explicit_forms():
+    x, y = data()
+    with pytest.raises(bncheck.errors.DataError, match=r"list of two tensors.*a tuple \(inputs, targets\)"):
+        bncheck.diagnose(mlp(), [x[:48], x[48:]], device="cpu")
+    with pytest.raises(bncheck.errors.DataError, match="list of two tensors"):
+        bncheck.recalibrate(mlp(), [x, y], device="cpu")
+    assert bncheck.diagnose(mlp(), (x, y), device="cpu").task == "classification"  # the tuple is a pair
+    unlabelled = bncheck.diagnose(mlp(), [(x[:48],), (x[48:],)], device="cpu")  # two batches, said so
+    assert unlabelled.task == "label-free" and unlabelled.data.num_batches == 2
+    three = bncheck.diagnose(mlp(), [x[:32], x[32:64], x[64:]], device="cpu")  # only batches fit
+    assert three.task == "label-free" and three.data.num_samples == 96
