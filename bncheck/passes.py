@@ -177,10 +177,21 @@ def _loaded(batches: Iterable):
         except BncheckError:
             raise
         except Exception as error:
-            raise DataError(f"cannot load batch {index}: {summarize(error)}; samples must share one shape "
-                            "(--image-size resizes image folders)") from error
+            raise _load_failure(index, error) from error
         yield batch
         index += 1
+
+
+def _load_failure(index: int, error: Exception) -> DataError:
+    """A hint that fits the failure: a collate shape mismatch, a file that cannot be read, or user code."""
+    text = summarize(error)
+    if isinstance(error, OSError):  # PIL's UnidentifiedImageError too
+        hint = "check that the data files exist, are readable and are not damaged"
+    elif "equal size" in text or "same size" in text or "must match" in text:
+        hint = "samples must share one shape: pass --image-size for an image folder, or pad them in a collate_fn"
+    else:
+        hint = "check the dataset's __getitem__ and the loader's collate_fn"
+    return DataError(f"cannot load batch {index}: {text}; {hint}")
 
 
 def _add(acc: list, pair: tuple[float, int]) -> None:
