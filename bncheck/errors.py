@@ -53,5 +53,7 @@ class ForwardError(InputError):
 def summarize(error: BaseException, limit: int = 300) -> str:
     """An exception from torch, Keras or user code as one short line: its message lines joined."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) > limit:
+        cut = text[: limit - 3]
+        text = (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "..."  # at a word boundary, not mid-word
     return text or type(error).__name__
