@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 
 RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+# torch's weights-only unpickler reads the pickle protocols torch.save writes, not newer ones.
+UNREADABLE_PICKLE = ("uses a pickle protocol that torch.load(weights_only=True) cannot read (an old torch.save "
+                     "with pickle_protocol=4 or more); save it again with torch.save(obj, path)")
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
@@ -214,9 +219,17 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({exc})") from exc
 
 
+def quiet_torch_load(path: Path, *, weights_only: bool) -> object:
+    """``torch.load`` without its warnings (pickle protocol, weights_only defaults): what went wrong
+    reaches the user as bncheck's one-line error, and a file that loads needs no lines of advice."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def _torch_load(path: Path, unsafe_pickle: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+        return quiet_torch_load(path, weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as exc:
         refused = _UNSUPPORTED_GLOBAL.search(str(exc))
         if not unsafe_pickle and refused:
@@ -224,6 +237,9 @@ def _torch_load(path: Path, unsafe_pickle: bool) -> object:
                 f"checkpoint {path} holds pickled Python objects ({refused.group(1)}), not just tensors; "
                 "pass --unsafe-pickle only if you trust the file, because unpickling runs code from it"
             ) from exc
+        if not unsafe_pickle and "Unsupported operand" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} {UNREADABLE_PICKLE}; pass --unsafe-pickle only if you trust the file") from exc
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({_short(exc)}); pass a file written by torch.save or safetensors"
         ) from exc

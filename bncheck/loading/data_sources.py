@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..batches import UnlabelledDataset
 from ..errors import BackendError, DataError, InputError, summarize
+from .checkpoints import UNREADABLE_PICKLE, quiet_torch_load
 
 
 class Layout(enum.Enum):
@@ -232,8 +233,10 @@ def _torch_load_data(path: Path) -> object:
     try:
         # TensorDataset only holds tensors; allowing it keeps weights_only's safety.
         with torch.serialization.safe_globals([TensorDataset]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return quiet_torch_load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):
+            raise DataError(f"data {path} {UNREADABLE_PICKLE}") from exc
         raise DataError(
             f"data {path} holds pickled Python objects that are not loaded, because unpickling runs code; "
             "save tensors instead, e.g. torch.save((inputs, targets), path)"
