@@ -36,3 +36,117 @@ def test_help_and_version_still_exit_0(tmp_path):
     assert run("diagnose", "--help").exit_code == 0
     assert run("--version").exit_code == 0
     assert run("inspect", write_model(tmp_path)).exit_code == 0
+
+
+CONV_MODEL = """
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 2))
+"""
+
+
+def test_an_unreadable_image_is_not_blamed_on_shapes(tmp_path):
+    from PIL import Image
+
+    from test_cli import write_source
+
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (10, 10), (40 * i, 100, 200)).save(tmp_path / "images" / name / f"{i}.png")
+    damaged = tmp_path / "images" / "dog" / "2.png"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    model_py = write_source(tmp_path, CONV_MODEL)
+    line = assert_input_error(run("diagnose", model_py, "--data", tmp_path / "images", "--image-size", "8"),
+                              "cannot load batch 0", "not damaged")
+    assert "share one shape" not in line and "--image-size" not in line
+
+
+def _batches_failing_with(error):
+    import torch
+
+    class Failing(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            if index == 5:
+                raise error
+            return torch.randn(4), index % 2
+
+    return torch.utils.data.DataLoader(Failing(), batch_size=8)
+
+
+@pytest.mark.parametrize("error, hint", [
+    (OSError("Input/output error"), "not damaged"),
+    (KeyError("label"), "__getitem__"),
+])
+def test_a_batch_that_fails_to_load_gets_a_hint_that_fits(error, hint):
+    import bncheck
+    from test_bad_inputs import mlp
+
+    with pytest.raises(bncheck.errors.DataError, match="cannot load batch 0") as caught:
+        bncheck.diagnose(mlp(), _batches_failing_with(error), device="cpu")
+    assert hint in str(caught.value) and "share one shape" not in str(caught.value)
+
+
+def test_samples_of_different_shapes_are_told_how_to_fix_it():
+    import torch
+
+    import bncheck
+    from test_bad_inputs import mlp
+
+    class Ragged(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return torch.randn(4 if index < 4 else 5), index % 3
+
+    loader = torch.utils.data.DataLoader(Ragged(), batch_size=8, sampler=torch.utils.data.SequentialSampler(range(8)))
+    with pytest.raises(bncheck.errors.DataError, match="equal size.*samples must share one shape"):
+        bncheck.diagnose(mlp(), loader, device="cpu")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras vs numpy 2
+def test_a_keras_lambda_is_refused_with_bnchecks_own_advice(tmp_path):
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "torch":
+        pytest.skip("Keras runs on another backend in this process")
+    import numpy as np
+
+    inputs = keras.Input((4,))
+    z = keras.layers.BatchNormalization()(keras.layers.Dense(8)(inputs))
+    z = keras.layers.Lambda(lambda t: t * 2.0)(z)
+    keras.Model(inputs, keras.layers.Dense(3)(z)).save(tmp_path / "lambda.keras")
+    np.savez(tmp_path / "data.npz", x=np.ones((8, 4), dtype="float32"), y=np.arange(8) % 3)
+    line = assert_input_error(run("inspect", tmp_path / "lambda.keras"), "Lambda layer", "--checkpoint")
+    assert "safe_mode" not in line and not line.endswith("...")
+
+
+def test_a_protocol_4_pickle_gives_one_line_and_no_torch_warnings(tmp_path):
+    import torch
+
+    model_py = write_model(tmp_path)
+    from test_cli import import_file
+
+    torch.save(import_file(model_py).build_model().state_dict(), tmp_path / "old.pt",
+               _use_new_zipfile_serialization=False, pickle_protocol=4)
+    done = subprocess.run([sys.executable, "-m", "bncheck", "inspect", str(model_py), "--checkpoint",
+                           str(tmp_path / "old.pt")], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pickle protocol" in lines[0] and "save it again" in lines[0], done.stderr
+
+
+def test_long_messages_are_cut_at_a_word_boundary():
+    from bncheck.errors import summarize
+
+    text = summarize(ValueError("word " * 100 + "loading function"), limit=60)
+    assert len(text) <= 60 and text.endswith("word...")
