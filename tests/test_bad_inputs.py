@@ -347,3 +347,42 @@ def test_a_list_of_two_tensors_is_refused_with_the_explicit_forms():
     assert unlabelled.task == "label-free" and unlabelled.data.num_batches == 2
     three = bncheck.diagnose(mlp(), [x[:32], x[32:64], x[64:]], device="cpu")  # only batches fit
     assert three.task == "label-free" and three.data.num_samples == 96
+
+
+# --- minor (item 13; the file-mode and long-name parts are in test_output_safety.py) ---------------
+
+
+def test_inspect_writes_no_pycache_beside_the_users_files(tmp_path, monkeypatch):
+    import sys
+
+    from test_cli import write_source
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as Python runs without PYTHONDONTWRITEBYTECODE
+
+    write_source(tmp_path, "SCALE = 2.0\n", name="neighbour.py")
+    model_py = write_model(tmp_path, extra="""
+        import neighbour  # a module beside model.py, imported by it
+        """)
+    assert run("inspect", model_py).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.py", "neighbour.py"]
+    assert sys.dont_write_bytecode is False  # restored
+
+
+def test_symlink_loops_in_an_image_folder_count_each_image_once(tmp_path):
+    from PIL import Image
+
+    from bncheck.loading.data_sources import load_data_path
+
+    root = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (root / name / "more").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (60 * i, 80, 160)).save(root / name / f"{i}.png")
+            Image.new("RGB", (8, 8), (60 * i, 160, 80)).save(root / name / "more" / f"{i}.png")
+        (root / name / "more" / "up").symlink_to("..")       # a loop back to the class folder
+        (root / name / "more" / "self").symlink_to(".")      # a loop onto itself
+        (root / name / "root").symlink_to("../..")           # a loop to the top (torchvision never ends here)
+    dataset = load_data_path(root)
+    assert len(dataset) == 12
+    assert sorted(label for _, label in dataset.samples) == [0] * 6 + [1] * 6
+    assert len({path for path, _ in dataset.samples}) == 12
