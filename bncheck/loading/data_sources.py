@@ -303,12 +303,19 @@ def _torch_load_data(path: Path) -> object:
     except pickle.UnpicklingError as exc:
         if "Unsupported operand" in str(exc):
             raise DataError(f"data {path} {UNREADABLE_PICKLE}") from exc
-        raise DataError(
-            f"data {path} holds pickled Python objects that are not loaded, because unpickling runs code; "
-            "save tensors instead, e.g. torch.save((inputs, targets), path)"
-        ) from exc
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise DataError(f"data {path} cannot be read by torch.load: {str(exc).splitlines()[0]}") from exc
+        if "Unsupported global" in str(exc):
+            raise DataError(
+                f"data {path} holds pickled Python objects that are not loaded, because unpickling runs code; "
+                "save tensors instead, e.g. torch.save((inputs, targets), path)"
+            ) from exc
+        raise _unreadable(path, exc) from exc
+    except Exception as exc:  # garbage bytes fail anywhere in the unpickler: IndexError, EOFError, ...
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    return DataError(f"data {path} cannot be read by torch.load ({type(exc).__name__}: {summarize(exc, 160)}); "
+                     "pass a file written by torch.save, e.g. torch.save((inputs, targets), path)")
 
 
 def _numpy_load(path: Path) -> dict[str, Tensor]:
@@ -365,7 +372,7 @@ def _check_npy_header(handle, size: int, what: str) -> None:
 
 def _from_numpy(array: np.ndarray, path: Path) -> Tensor:
     try:
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))  # keeps 0-d arrays 0-d
     except TypeError as exc:
         raise DataError(f"data {path}: arrays of dtype {array.dtype} are not numeric tensors") from exc
 
@@ -400,7 +407,7 @@ def _pick_named(
         pair = next((p for p in DEFAULT_KEYS if p[0] in named), None)
         if pair is not None:
             inputs_name, targets_name = pair[0], target_key or (pair[1] if pair[1] in named else None)
-        elif by_name_fallback and named:
+        elif by_name_fallback and any(k != target_key for k in named):
             names = sorted(k for k in named if k != target_key)
             inputs_name = names[0]
             targets_name = target_key or (names[1] if len(names) > 1 else None)
@@ -408,7 +415,7 @@ def _pick_named(
             raise DataError(f"data {path} has arrays {keys} but none named inputs or x; pass --input-key")
     inputs, targets = named[inputs_name], (named[targets_name] if targets_name else None)
     for name, value in ((inputs_name, inputs), (targets_name, targets)):
-        if value is not None and not isinstance(value, Tensor):
+        if (value is not None or name == inputs_name) and not isinstance(value, Tensor):
             raise DataError(f"data {path}: {name!r} holds a {type(value).__name__}, not a tensor")
     return inputs, targets
 
