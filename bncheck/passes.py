@@ -228,14 +228,18 @@ def _infer_task(outputs: torch.Tensor, targets: Any, scoring: ScoringOptions) ->
 
 
 def _as_tensor(targets: Any, index: int) -> Any:
-    """Targets given as a list of numbers become a tensor."""
-    if targets is None or isinstance(targets, (torch.Tensor, dict)):
+    """Targets given as a list of numbers become a tensor; boolean labels class indices, as in data files."""
+    if targets is None or isinstance(targets, dict):
         return targets
-    try:
-        return torch.as_tensor(targets)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise DataError(f"targets of batch {index} are a {type(targets).__name__} that is not a tensor of "
-                        "numbers; yield (inputs, targets) with targets a tensor") from error
+    if not isinstance(targets, torch.Tensor):
+        try:
+            targets = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise DataError(f"targets of batch {index} are a {type(targets).__name__} that is not a tensor of "
+                            "numbers; yield (inputs, targets) with targets a tensor") from error
+    if targets.is_complex():
+        raise DataError(f"targets of batch {index} are complex numbers; yield class indices or real values")
+    return targets.long() if targets.dtype == torch.bool else targets
 
 
 def _score(task, outputs, targets, loss_fn, index):
