@@ -386,3 +386,51 @@ def test_symlink_loops_in_an_image_folder_count_each_image_once(tmp_path):
     assert len(dataset) == 12
     assert sorted(label for _, label in dataset.samples) == [0] * 6 + [1] * 6
     assert len({path for path, _ in dataset.samples}) == 12
+
+
+# --- found by tests/test_fuzz_loaders.py -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x80\x02", b"garbage bytes", b"\x80\x02]q\x00."])
+def test_garbage_in_a_torch_data_file_is_a_data_error(payload, tmp_path):
+    from bncheck.loading.data_sources import load_data_path
+
+    (tmp_path / "data.pt").write_bytes(payload)
+    with pytest.raises(bncheck.errors.DataError, match="data .*data.pt"):
+        load_data_path(tmp_path / "data.pt")
+
+
+def test_a_zero_dimensional_array_holds_no_samples(tmp_path):
+    import numpy as np
+
+    from bncheck.loading.data_sources import load_data_path
+
+    np.save(tmp_path / "scalar.npy", np.array(7, dtype="uint8"))
+    with pytest.raises(bncheck.errors.DataError, match="holds no samples"):
+        load_data_path(tmp_path / "scalar.npy")
+
+
+def test_inputs_that_are_none_in_a_data_file(tmp_path):
+    from bncheck.loading.data_sources import load_data_path
+
+    torch.save({"inputs": None, "targets": torch.zeros(4)}, tmp_path / "data.pt")
+    with pytest.raises(bncheck.errors.DataError, match="'inputs' holds a NoneType, not a tensor"):
+        load_data_path(tmp_path / "data.pt")
+
+
+def test_an_npz_whose_only_array_is_the_target(tmp_path):
+    import numpy as np
+
+    from bncheck.loading.data_sources import load_data_path
+
+    np.savez(tmp_path / "only.npz", labels=np.arange(4))
+    with pytest.raises(bncheck.errors.DataError, match="pass --input-key"):
+        load_data_path(tmp_path / "only.npz", target_key="labels")
+
+
+def test_boolean_class_labels_and_complex_targets():
+    x, y = data()
+    report = bncheck.diagnose(mlp(), (x, y == 1), device="cpu")  # labels 0/1 of a 3-class model
+    assert report.task == "classification"
+    with pytest.raises(bncheck.errors.DataError, match="complex numbers"):
+        bncheck.diagnose(mlp(), (x, y.to(torch.complex64)), device="cpu")
