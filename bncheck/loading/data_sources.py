@@ -151,8 +151,10 @@ def check_uniform_shapes(dataset: Dataset, *, limit: int = 256) -> tuple[int, ..
 def _sample_shape(dataset: Dataset, index: int) -> tuple[int, ...]:
     try:
         item = dataset[index]
-    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"sample {index} cannot be read: {exc}") from exc
+    except Exception as exc:  # PIL: UnidentifiedImageError (an OSError), DecompressionBombError, ...
+        samples = getattr(dataset, "samples", None)
+        where = f" ({samples[index][0]})" if samples else ""
+        raise DataError(f"sample {index}{where} cannot be read: {summarize(exc, 200)}; fix or remove it") from exc
     sample = item[0] if isinstance(item, (tuple, list)) else item
     if not hasattr(sample, "shape"):
         raise DataError(f"sample {index} is a {type(sample).__name__}, not a tensor")
