@@ -185,8 +185,8 @@ def _loaded(batches: Iterable):
 def _load_failure(index: int, error: Exception) -> DataError:
     """A hint that fits the failure: a collate shape mismatch, a file that cannot be read, or user code."""
     text = summarize(error)
-    if isinstance(error, OSError):  # PIL's UnidentifiedImageError too
-        hint = "check that the data files exist, are readable and are not damaged"
+    if isinstance(error, OSError) or type(error).__name__ == "DecompressionBombError":  # PIL's errors too
+        hint = "check that the data files exist, are readable, are not damaged and are not too large to open"
     elif "equal size" in text or "same size" in text or "must match" in text:
         hint = "samples must share one shape: pass --image-size for an image folder, or pad them in a collate_fn"
     else:
