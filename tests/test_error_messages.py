@@ -150,3 +150,20 @@ def test_long_messages_are_cut_at_a_word_boundary():
 
     text = summarize(ValueError("word " * 100 + "loading function"), limit=60)
     assert len(text) <= 60 and text.endswith("word...")
+
+
+@pytest.mark.parametrize("image_size", [None, "8"])
+def test_an_image_too_large_to_open_safely_is_an_input_error(image_size, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from test_cli import write_source
+
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (60 * i, 90, 30)).save(tmp_path / "images" / name / f"{i}.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "images" / "dog" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # PIL refuses over twice this: a decompression bomb
+    model_py = write_source(tmp_path, CONV_MODEL)
+    args = ["--image-size", image_size] if image_size else []
+    assert_input_error(run("diagnose", model_py, "--data", tmp_path / "images", *args), "exceeds limit")
