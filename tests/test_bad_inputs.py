@@ -434,3 +434,36 @@ def test_boolean_class_labels_and_complex_targets():
     assert report.task == "classification"
     with pytest.raises(bncheck.errors.DataError, match="complex numbers"):
         bncheck.diagnose(mlp(), (x, y.to(torch.complex64)), device="cpu")
+
+
+def test_special_files_are_refused_before_they_are_read(tmp_path):
+    """A FIFO would block forever and /dev/zero never ends: only regular files are read (in a fresh
+    interpreter with a timeout, so that a regression fails instead of hanging the suite)."""
+    import subprocess
+    import sys
+
+    from test_cli import REPO
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    os.mkfifo(tmp_path / "pipe.pt")
+    os.mkfifo(tmp_path / "pipe.npz")
+    model_py = write_model(tmp_path)
+    for args, fragment in (
+        (["inspect", model_py, "--checkpoint", tmp_path / "pipe.pt"], "checkpoint"),
+        (["diagnose", model_py, "--data", tmp_path / "pipe.npz"], "data"),
+        (["inspect", model_py, "--checkpoint", "/dev/zero"], "checkpoint"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "bncheck", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"Error: {fragment} ") and "is not a regular file" in done.stderr
+
+
+def test_garbage_is_not_blamed_on_a_pickle_protocol(tmp_path):
+    from bncheck.loading.checkpoints import read_checkpoint
+
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(bncheck.errors.CheckpointError, match="cannot be read") as caught:
+        read_checkpoint(tmp_path / "garbage.pt")
+    assert "protocol" not in str(caught.value)

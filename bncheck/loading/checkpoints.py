@@ -62,6 +62,8 @@ def read_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> RawChec
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; pass the checkpoint file itself")
+    if not path.is_file():  # a FIFO would block forever, /dev/zero never ends
+        raise CheckpointError(f"checkpoint {path} is not a regular file; pass the checkpoint file itself")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     obj = _torch_load(path, unsafe_pickle)
@@ -219,6 +221,13 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({exc})") from exc
 
 
+def newer_pickle_protocol(path: Path) -> bool:
+    """A legacy-format torch.save file pickled with protocol 4 or 5 (it starts with PROTO 4 or 5)."""
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    return len(start) == 2 and start[0] == 0x80 and start[1] >= 4
+
+
 def quiet_torch_load(path: Path, *, weights_only: bool) -> object:
     """``torch.load`` without its warnings (pickle protocol, weights_only defaults): what went wrong
     reaches the user as bncheck's one-line error, and a file that loads needs no lines of advice."""
@@ -237,7 +246,7 @@ def _torch_load(path: Path, unsafe_pickle: bool) -> object:
                 f"checkpoint {path} holds pickled Python objects ({refused.group(1)}), not just tensors; "
                 "pass --unsafe-pickle only if you trust the file, because unpickling runs code from it"
             ) from exc
-        if not unsafe_pickle and "Unsupported operand" in str(exc):
+        if not unsafe_pickle and "Unsupported operand" in str(exc) and newer_pickle_protocol(path):
             raise CheckpointError(
                 f"checkpoint {path} {UNREADABLE_PICKLE}; pass --unsafe-pickle only if you trust the file") from exc
         raise CheckpointError(

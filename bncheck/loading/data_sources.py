@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..batches import UnlabelledDataset
 from ..errors import BackendError, DataError, InputError, summarize
-from .checkpoints import UNREADABLE_PICKLE, quiet_torch_load
+from .checkpoints import UNREADABLE_PICKLE, newer_pickle_protocol, quiet_torch_load
 
 
 class Layout(enum.Enum):
@@ -123,6 +123,8 @@ def load_data_path(
             raise DataError(f"data {path}: --input-key/--target-key apply only to .pt/.pth and .npz files")
         norm = _resolve_normalization(normalize, default=IMAGENET)
         return _load_image_folder(path, size, norm, channels_last)
+    if not path.is_file():  # a FIFO would block forever, /dev/zero never ends
+        raise DataError(f"data {path} is not a regular file; pass {SUPPORTED_KINDS}")
     inputs, targets = _read_tensors(path, input_key, target_key)
     norm = _resolve_normalization(normalize, default=None)
     return _tensor_dataset(path, inputs, targets, size, norm, layout, channels_last)
@@ -303,7 +305,7 @@ def _torch_load_data(path: Path) -> object:
         with torch.serialization.safe_globals([TensorDataset]):
             return quiet_torch_load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported operand" in str(exc):
+        if "Unsupported operand" in str(exc) and newer_pickle_protocol(path):
             raise DataError(f"data {path} {UNREADABLE_PICKLE}") from exc
         if "Unsupported global" in str(exc):
             raise DataError(
