@@ -95,10 +95,7 @@ def recalibrate(
     val_before = _evaluate(adapter, val_plan, torch_device, scoring) if val_plan else None
     before_writing = adapter.snapshot()
     try:  # all or nothing: a failure in the evaluations after writing puts the old statistics back
-        for layer in chosen:
-            stats = measured.layer_stats.get(layer.name)
-            if stats is not None:
-                layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased, num_batches=stats.num_batches)
+        _write_statistics(chosen, measured)
         after = _evaluate(adapter, plan, torch_device, scoring)
         evaluations = [EvalComparison("data", mode_metrics(measured.metrics[ForwardMode.EVAL]), after)]
         if val_plan is not None:
@@ -111,6 +108,13 @@ def recalibrate(
     result = RecalibrationResult(len(updated), updated, skipped, measured.num_samples, measured.num_batches,
                                  tuple(evaluations))
     return (result, target_model) if return_model else result
+
+
+def _write_statistics(layers, measured) -> None:
+    for layer in layers:
+        stats = measured.layer_stats.get(layer.name)
+        if stats is not None:
+            layer.write_running_stats(stats.mean, stats.var, stats.var_unbiased, num_batches=stats.num_batches)
 
 
 def _evaluate(adapter, plan, device, scoring) -> ModeMetrics:
