@@ -227,7 +227,7 @@ def test_a_signal_while_writing_leaves_no_file(sig, code, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     model_py = write_model(tmp_path, extra=SLOW_SAVE.format(folder=str(out_dir)))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "bncheck", "recalibrate", str(model_py), "-o",
                                 str(out_dir / "fixed.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
