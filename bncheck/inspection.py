@@ -7,7 +7,7 @@ from typing import Any
 from .diagnosis import require_running_stats
 from .findings import Evidence, find_causes
 from .frameworks import adapter_for
-from .layer_report import measure_layer
+from .layer_report import forget_update_counts, measure_layer
 from .report import Finding, LayerReport, Severity, Verdict
 
 
@@ -38,15 +38,13 @@ def inspect(model: Any, *, missing_running_stats: tuple[str, ...] = (), notes: t
     reports = []
     for layer in layers:
         report = measure_layer(layer, None, forwards=0, initial_training=layer.is_training)
-        report = replace(report, calls_per_forward=float(uses.get(id(layer.source_module), 1)))
-        if layer.name in missing_update_counts:
-            report = replace(report, num_batches_tracked=None, initial_weight=None)
-        reports.append(report)
-    evidence = Evidence(layers=tuple(reports), missing_running_stats=missing_running_stats,
+        reports.append(replace(report, calls_per_forward=float(uses.get(id(layer.source_module), 1))))
+    reports = forget_update_counts(reports, missing_update_counts)
+    evidence = Evidence(layers=reports, missing_running_stats=missing_running_stats,
                         framework=adapter.framework)
     findings = find_causes(evidence)
     failed = any(f.severity is Severity.ERROR for f in findings)
-    return InspectionReport(Verdict.FAIL if failed else Verdict.PASS, adapter.framework, tuple(reports), findings,
+    return InspectionReport(Verdict.FAIL if failed else Verdict.PASS, adapter.framework, reports, findings,
                             tuple(notes))
 
 
