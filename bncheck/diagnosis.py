@@ -9,7 +9,7 @@ from .devices import resolve_device
 from .errors import InputError, NoNormLayersError
 from .findings import Evidence, find_causes
 from .frameworks import ForwardMode, adapter_for
-from .layer_report import drift_sort_key, measure_layer
+from .layer_report import drift_sort_key, forget_update_counts, measure_layer
 from .passes import PassResult, ScoringOptions, run_passes
 from .report import DataSummary, Gap, Gate, MetricsSet, Report, Verdict
 from .tasks import Task, mode_metrics
@@ -37,6 +37,7 @@ def diagnose(
     attribute_top: int = 3,
     attribute_batches: int = 8,
     missing_running_stats: tuple[str, ...] = (),
+    missing_update_counts: tuple[str, ...] = (),
     notes: tuple[str, ...] = (),
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Report:
@@ -64,12 +65,11 @@ def diagnose(
     result = run_passes(adapter, plan.batches, device=torch_device, modes=modes, scoring=scoring,
                         progress=progress, total_batches=plan.num_batches)
     forwards = result.num_batches
-    layer_reports = sorted(
+    layer_reports = sorted(forget_update_counts(
         (measure_layer(layer, result.layer_stats.get(layer.name), forwards=forwards,
                        dropout_stats=result.dropout_layer_stats.get(layer.name),
                        initial_training=initial_training[layer.name]) for layer in layers),
-        key=drift_sort_key,
-    )
+        missing_update_counts), key=drift_sort_key)
     metrics = _metrics_set(result)
     gap = _gap(metrics)
     gate = _gate(result, gap, max_gap)
