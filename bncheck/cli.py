@@ -328,7 +328,8 @@ def diagnose(model_spec, checkpoint, unsafe_pickle, num_classes, data_path, imag
             max_samples=max_samples, max_gap=max_gap, loss_fn=loaded.loss_fn, output_index=output_index,
             output_key=output_key, input_key=input_key, target_key=target_key, attribute=attribute,
             attribute_top=attribute_top, attribute_batches=attribute_batches,
-            missing_running_stats=loaded.missing_running_stats, notes=loaded.notes, progress=progress)
+            missing_running_stats=loaded.missing_running_stats, missing_update_counts=loaded.missing_update_counts,
+            notes=loaded.notes, progress=progress)
     renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, per_channel, target is not None))
     _emit(renderer.diagnosis(report), target)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)

@@ -233,6 +233,23 @@ def test_a_checkpoint_without_update_counters_is_judged_by_its_values(trained, t
     assert "lacks num_batches_tracked of 1 norm layers" in " ".join(text.split())
 
 
+def test_diagnose_with_a_checkpoint_without_update_counters(tmp_path):
+    from test_cli import write_source
+
+    model_py = write_source(tmp_path, FRESH_MODEL)
+    trained = mlp()
+    trained[1].running_mean += 2.0 * trained[1].running_var.sqrt()  # statistics of other data: a real problem
+    torch.save({k: v for k, v in trained.state_dict().items() if not k.endswith("num_batches_tracked")},
+               tmp_path / "old.pt")
+    torch.save(data(), tmp_path / "data.pt")
+    result = run("diagnose", model_py, "--checkpoint", tmp_path / "old.pt", "--data", tmp_path / "data.pt",
+                 "--format", "json")
+    report = json.loads(result.stdout)
+    assert report["layers"][0]["num_batches_tracked"] is None
+    codes = {f["code"] for f in report["findings"]}
+    assert "stats-never-updated" not in codes and "stats-not-converged" not in codes, codes
+
+
 # --- NaN is bad input, not a discrepancy (item 8) -------------------------------------------------
 
 
