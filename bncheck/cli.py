@@ -206,9 +206,10 @@ def _emit(text: str, target) -> None:
     write_output(target, lambda temp: Path(temp).write_bytes(text.encode()))
 
 
-def _output_target(path: str | None, force: bool, model_spec: str, **inputs: str | None):
-    """The checked -o of a command: never one of its inputs (MODEL, --checkpoint, --data, ...),
-    never an existing file without --force. Checked before any work is done."""
+def _output_target(path: str | None, force: bool, model_spec: str, *, option: str = "-o", **inputs: str | None):
+    """The checked output file of a command (``option`` names it in messages): never one of its inputs
+    (MODEL, and each keyword, e.g. ``checkpoint=`` for --checkpoint; another output of the same command
+    too), never an existing file without --force. Checked before any work is done."""
     if path is None:
         return None
     from .files import OutputTarget, check_output
@@ -217,7 +218,7 @@ def _output_target(path: str | None, force: bool, model_spec: str, **inputs: str
 
     named = [] if is_named_model_spec(model_spec) else [("MODEL", split_spec(model_spec)[0])]
     named += [(f"--{option.replace('_', '-')}", Path(value)) for option, value in inputs.items() if value]
-    target = OutputTarget(Path(path), inputs=tuple(named), force=force)
+    target = OutputTarget(Path(path), inputs=tuple(named), force=force, option=option)
     check_output(target)
     return target
 
