@@ -6,14 +6,16 @@ the work (so a bad ``-o`` fails at once) and :func:`write_output` at the end, wh
 writes a temporary file beside the target and moves it into place. Without ``force`` the last step
 is an exclusive create (a hard link that fails when the name exists), so a file that appeared while
 bncheck ran is never replaced. A run killed before it could clean up leaves a temporary file named
-``.bncheck-PID-TOKEN.tmp...``; the next write into that folder removes those whose process is gone.
+``.bncheck-HOST-PID-TOKEN.tmp...``; the next write into that folder removes those whose process is gone.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,9 @@ from typing import Callable
 
 from .errors import BncheckError, InputError, OutputExistsError, OutputIsInputError, summarize
 
-_TEMP_PREFIX = ".bncheck-"
-_TEMP_NAME = re.compile(r"^\.bncheck-(\d+)-[0-9a-f]{8}\.tmp")
+# .bncheck-HOST-PID-TOKEN.tmp[.suffix]: HOST (a hash of the host name) and PID tell whose it is, so that
+# a sweep removes only files of processes that are gone from this machine (not another container's).
+_TEMP_NAME = re.compile(r"^\.bncheck-([0-9a-f]{6})-(\d+)-[0-9a-f]{8}\.tmp")
 _KNOWN_COMPOUND_SUFFIXES = (".weights.h5",)  # Keras picks the format by this whole ending
 _LONGEST_KEPT_SUFFIX = 32
 
@@ -100,7 +103,7 @@ def sweep_stale_temp_files(folder: Path) -> list[Path]:
         return removed
     for name in names:
         match = _TEMP_NAME.match(name)
-        if match is None or _process_alive(int(match.group(1))):
+        if match is None or match.group(1) != _host_tag() or _process_alive(int(match.group(2))):
             continue
         stale = folder / name
         try:
@@ -110,6 +113,15 @@ def sweep_stale_temp_files(folder: Path) -> list[Path]:
         except OSError:
             pass  # another run swept it first, or the folder is read-only: nothing lost
     return removed
+
+
+def temp_prefix(pid: int) -> str:
+    """How the temporary files of process ``pid`` on this machine start."""
+    return f".bncheck-{_host_tag()}-{pid}-"
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 
 
 def _refuse_inputs(target: OutputTarget, real: Path) -> None:
@@ -168,7 +180,7 @@ def _temp_suffix(typed: Path) -> str:
 
 def _create_temp(target: OutputTarget, folder: Path) -> Path:
     for _ in range(16):
-        temp = folder / f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.tmp{_temp_suffix(target.path)}"
+        temp = folder / f"{temp_prefix(os.getpid())}{secrets.token_hex(4)}.tmp{_temp_suffix(target.path)}"
         try:
             os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             return temp
