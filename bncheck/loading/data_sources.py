@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 import pickle
 import zipfile
 import zlib
@@ -26,6 +25,8 @@ from torch.utils.data import Dataset, TensorDataset
 from ..batches import UnlabelledDataset
 from ..errors import BackendError, DataError, InputError, summarize
 from .checkpoints import UNREADABLE_PICKLE, newer_pickle_protocol, quiet_torch_load
+from .image_folders import image_folder_without_loops
+from .numpy_files import check_numpy_file
 
 
 class Layout(enum.Enum):
@@ -207,7 +208,7 @@ def _load_image_folder(
     if channels_last:
         steps.append(_ToChannelsLast())
     try:
-        dataset = _image_folder_class(datasets)(str(path), transform=transforms.Compose(steps))
+        dataset = image_folder_without_loops(datasets)(str(path), transform=transforms.Compose(steps))
     except FileNotFoundError as exc:
         raise DataError(
             f"data folder {path} holds no images in class subfolders; expected {path}/CLASS/IMAGE.png"
@@ -215,71 +216,6 @@ def _load_image_folder(
     if size is None:
         check_uniform_shapes(dataset)
     return dataset
-
-
-def _image_folder_class(datasets):
-    """torchvision's ImageFolder, except that symlinked folders are entered once each: its os.walk
-    follows links without noticing loops, which counts the same images again (or never ends)."""
-
-    class ImageFolderWithoutLoops(datasets.ImageFolder):
-        @staticmethod
-        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-            from torchvision.datasets.folder import has_file_allowed_extension
-
-            def valid(name: str) -> bool:
-                return is_valid_file(name) if is_valid_file is not None else \
-                    has_file_allowed_extension(name, extensions)
-
-            samples, empty = [], []
-            for name in sorted(class_to_idx):
-                # A link back to the top or into another class would count other classes' images here.
-                others = [Path(directory)] + [Path(directory) / other for other in class_to_idx if other != name]
-                files = [f for f in _files_entering_each_folder_once(Path(directory) / name, others) if valid(f)]
-                samples += [(f, class_to_idx[name]) for f in files]
-                if not files:
-                    empty.append(name)
-            if empty and not allow_empty:
-                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
-            return samples
-
-    return ImageFolderWithoutLoops
-
-
-def _files_entering_each_folder_once(root: Path, excluded: list[Path]) -> list[str]:
-    """Every file under ``root``, following symlinks, each real folder (device, inode) visited once and
-    the ``excluded`` folders never; in the order of torchvision's sorted walk: folders by path, files by
-    name within."""
-    import heapq
-
-    seen = {(info.st_dev, info.st_ino) for info in map(_stat_or_none, excluded) if info is not None}
-    pending, found = [str(root)], []
-    while pending:
-        folder = heapq.heappop(pending)
-        try:
-            info = os.stat(folder)
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-        except OSError:  # a dangling link or a loop the OS refuses to resolve
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        for entry in entries:
-            try:
-                is_folder = entry.is_dir()
-            except OSError:
-                continue
-            if is_folder:
-                heapq.heappush(pending, entry.path)
-            elif entry.is_file():
-                found.append(entry.path)
-    return found
-
-
-def _stat_or_none(path: Path):
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
 
 
 # --- tensor files ----------------------------------------------------------
@@ -323,7 +259,7 @@ def _unreadable(path: Path, exc: Exception) -> DataError:
 
 
 def _numpy_load(path: Path) -> dict[str, Tensor]:
-    _check_numpy_file(path)
+    check_numpy_file(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
@@ -333,45 +269,6 @@ def _numpy_load(path: Path) -> dict[str, Tensor]:
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
         raise DataError(f"data {path} cannot be read by numpy ({summarize(exc)}); write it again with "
                         "numpy.save/savez") from exc
-
-
-def _check_numpy_file(path: Path) -> None:
-    """Read the headers before the arrays: a damaged or hostile header must not make numpy allocate
-    what it claims (10**12 items), nor may garbage reach numpy's pickle fallback."""
-    try:
-        if path.suffix.lower() == ".npy":
-            with open(path, "rb") as handle:
-                _check_npy_header(handle, path.stat().st_size, f"data {path}")
-            return
-        if not zipfile.is_zipfile(path):
-            raise DataError(f"data {path} is not a .npz archive; write it with numpy.savez(path, x=..., y=...)")
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.filename.endswith(".npy"):
-                    with archive.open(info) as member:
-                        _check_npy_header(member, info.file_size, f"data {path}, array {info.filename[:-4]!r},")
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:  # RuntimeError: encrypted
-        raise DataError(f"data {path} is damaged ({summarize(exc)}); write it again with numpy.save/savez") from exc
-
-
-def _check_npy_header(handle, size: int, what: str) -> None:
-    try:
-        version = np.lib.format.read_magic(handle)
-        if version not in ((1, 0), (2, 0)):
-            return  # a newer header format: numpy reads it, and this check does not
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _fortran, dtype = read(handle)
-    except (ValueError, TypeError, SyntaxError) as exc:
-        raise DataError(f"{what} is not a numpy array file ({summarize(exc, 120)}); write it with numpy.save") \
-            from exc
-    if dtype.hasobject:
-        raise DataError(f"{what} holds Python objects (dtype {dtype}), which bncheck does not unpickle; "
-                        "save numeric arrays")
-    claimed = math.prod(shape) * dtype.itemsize
-    available = size - handle.tell()
-    if claimed > available:
-        raise DataError(f"{what} claims an array of shape {tuple(shape)} ({claimed} bytes) but holds "
-                        f"{max(available, 0)}: the file is truncated or damaged")
 
 
 def _from_numpy(array: np.ndarray, path: Path) -> Tensor:
