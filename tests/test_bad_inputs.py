@@ -500,3 +500,16 @@ def test_garbage_is_not_blamed_on_a_pickle_protocol(tmp_path):
     with pytest.raises(bncheck.errors.CheckpointError, match="cannot be read") as caught:
         read_checkpoint(tmp_path / "garbage.pt")
     assert "protocol" not in str(caught.value)
+
+
+@pytest.mark.parametrize("values", ["nan,nan", "inf,1", "0.5,1e400"])
+def test_normalize_values_must_be_finite(values):
+    from bncheck.loading.data_sources import parse_normalization
+
+    with pytest.raises(bncheck.InputError, match="finite numbers"):
+        parse_normalization(values)
+
+
+def test_a_cuda_index_torch_cannot_parse_is_a_usage_error(tmp_path):
+    assert_input_error(run("diagnose", write_model(tmp_path), "--device", "cuda:99999999999999999999"),
+                       "Invalid value for '--device'")

@@ -74,8 +74,8 @@ def parse_normalization(text: str) -> Normalization | None:
         raise InputError(
             f"normalize {text!r}: expected imagenet, none, MEAN,STD or M1,M2,M3;S1,S2,S3"
         ) from None
-    if len(mean) != len(std) or min(std) <= 0:
-        raise InputError(f"normalize {text!r}: needs as many means as stds, and every std above 0")
+    if len(mean) != len(std) or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise InputError(f"normalize {text!r}: needs as many means as stds, finite numbers, and every std above 0")
     return Normalization(mean=mean, std=std)
 
 
