@@ -11,7 +11,8 @@ from torch import nn
 
 import bncheck
 from bncheck.render.format import bar, drift_style, num, pct, signed_points
-from test_cli import assert_input_error, import_file, run, write_model
+from conftest import write_light_model as write_model
+from test_cli import assert_input_error, import_file, run
 
 
 def data(n=96, seed=0):
@@ -388,7 +389,7 @@ def test_inspect_writes_no_pycache_beside_the_users_files(tmp_path, monkeypatch)
     model_py = write_model(tmp_path, extra="""
         import neighbour  # a module beside model.py, imported by it
         """)
-    assert run("inspect", model_py).exit_code == 0
+    assert run("inspect", model_py).exit_code in (0, 1)  # untrained: stats-never-updated, and no traceback
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.py", "neighbour.py"]
     assert sys.dont_write_bytecode is False  # restored
 

@@ -16,12 +16,13 @@ import torch
 
 from bncheck import files
 from bncheck.errors import InputError
-from test_cli import REPO, assert_input_error, import_file, run, write_model, write_source
+from conftest import write_light_model
+from test_cli import REPO, assert_input_error, import_file, run
 
 
 @pytest.fixture
 def model_py(tmp_path) -> Path:
-    return write_model(tmp_path)
+    return write_light_model(tmp_path)
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_force_keeps_the_mode_of_the_file_it_replaces(model_py, tmp_path):
 def test_a_file_that_appears_during_the_run_is_not_replaced(tmp_path):
     """The race of two concurrent runs: the name is free at start-up and taken at the end."""
     out = tmp_path / "out.pt"
-    model_py = write_model(tmp_path, extra=f"""
+    model_py = write_light_model(tmp_path, extra=f"""
         _build = build_model
         def build_model():
             open({str(out)!r}, "w").write("the other run's checkpoint")
@@ -210,7 +211,7 @@ def _recalibrate_killed_while_writing(tmp_path, sig):
     return (exit code, stderr, the output folder)."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    model_py = write_model(tmp_path, extra=SLOW_SAVE.format(folder=str(out_dir)))
+    model_py = write_light_model(tmp_path, extra=SLOW_SAVE.format(folder=str(out_dir)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "bncheck", "recalibrate", str(model_py), "-o",
                                 str(out_dir / "fixed.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -246,6 +247,6 @@ def test_the_temporary_file_of_a_killed_run_is_swept_by_the_next_write(tmp_path)
     live.write_bytes(b"in progress")
     unrelated = out_dir / ".fixed.pt.swp"
     unrelated.write_bytes(b"not ours")
-    assert run("recalibrate", write_model(tmp_path, name="other.py"), "-o", out_dir / "fixed.pt").exit_code == 0
+    assert run("recalibrate", write_light_model(tmp_path, name="other.py"), "-o", out_dir / "fixed.pt").exit_code == 0
     assert sorted(p.name for p in out_dir.iterdir()) == sorted([live.name, unrelated.name, "fixed.pt"])
     assert files.sweep_stale_temp_files(out_dir) == []
