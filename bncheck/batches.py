@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
+from .arguments import check_batching
 from .errors import DataError
 
 DEFAULT_BATCH_SIZE = 32
@@ -65,7 +66,11 @@ def _is_map_style(data: Any) -> bool:
 
 def as_dataset(data: Any) -> Any:
     """Accept a tensor pair or a bare tensor as a dataset."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if isinstance(data, list) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        raise DataError("data is a list of two tensors, which reads as (inputs, targets) or as two batches of "
+                        "inputs: pass a tuple (inputs, targets) or a TensorDataset for labelled data, or a list "
+                        "of 1-tuples [(batch,), (batch,)] for two unlabelled batches")
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         inputs, targets = data
         if len(inputs) != len(targets):
             raise DataError(f"inputs hold {len(inputs)} samples but targets hold {len(targets)}")
@@ -98,6 +103,7 @@ def plan_batches(
     pin_memory: bool = False,
 ) -> BatchPlan:
     """Decide the batches a diagnosis runs on; ``pin_memory`` for copies to a CUDA device."""
+    check_batching(batch_size=batch_size, seed=seed, max_batches=max_batches, max_samples=max_samples)
     if batch_size is not None and batch_size < 2:
         raise DataError("batch size must be at least 2: train-mode BatchNorm needs 2+ samples per batch")
     if data is None:

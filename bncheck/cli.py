@@ -7,6 +7,7 @@ imports (torch) happen inside the commands so that ``--help`` stays instant.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -15,19 +16,47 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .arguments import SEED_MAX, SEED_MIN
 from .render import OutputFormat, RenderOptions
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT; click's default 1 would read as "discrepancy found"
+# As shells report a death by signal (128 + number); click's default 1 would read as "discrepancy found".
+EXIT_INTERRUPTED = 130  # SIGINT, Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM: timeout, CI cancellation, docker stop
 
 
 class InputProblem(click.ClickException):
     exit_code = EXIT_ERROR
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so that every finally (restored model, removed temporary
+    file) runs before the exit."""
+
+
 def _one_line(text: str) -> str:
     """Messages of torch and user code can span lines; stderr gets exactly one."""
     return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. a test runner's worker)
+        return
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail_on_errors(command):
@@ -38,12 +67,16 @@ def _fail_on_errors(command):
         from .errors import BncheckError
 
         try:
-            return command(*args, **kwargs)
+            with _sigterm_unwinds():
+                return command(*args, **kwargs)
         except BncheckError as error:
             raise InputProblem(_one_line(str(error))) from error
         except KeyboardInterrupt:
             click.echo("Aborted!", err=True)
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except Terminated:
+            click.echo("Terminated.", err=True)
+            raise click.exceptions.Exit(EXIT_TERMINATED) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
@@ -57,6 +90,33 @@ def _fail_on_errors(command):
     return wrapper
 
 
+class OneLineErrorGroup(click.Group):
+    """click prints a usage error as four lines (usage, hint, blank, error); bncheck prints one,
+    with exit code 2, like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()  # `bncheck` alone: the help, as click shows it
+            sys.exit(EXIT_ERROR)
+        except click.UsageError as error:
+            message = error.format_message().rstrip()
+            message += "" if message.endswith((".", "?", "!", ")")) else "."
+            where = f" See '{error.ctx.command_path} --help'." if error.ctx is not None else ""
+            click.echo(_one_line(f"Error: {message}{where}"), err=True)
+            sys.exit(EXIT_ERROR)
+        except click.ClickException as error:
+            click.echo(_one_line(f"Error: {error.format_message()}"), err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 def _check_device(ctx, param, value):
     from .devices import validate_device_text
     from .errors import InputError
@@ -65,6 +125,12 @@ def _check_device(ctx, param, value):
         return validate_device_text(value)
     except InputError as error:
         raise click.BadParameter(str(error)) from error
+
+
+def _check_not_nan(ctx, param, value):
+    if value is not None and value != value:
+        raise click.BadParameter("nan is not a number; pass a fraction such as 0.05")
+    return value
 
 
 def model_options(command):
@@ -95,14 +161,19 @@ def data_options(command):
         click.option("--device", default="auto", show_default=True, envvar="BNCHECK_DEVICE",
                      callback=_check_device, help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", type=click.IntRange(min=2), help="Batch size (default: the loader's)."),
-        click.option("--seed", type=int, default=0, show_default=True, envvar="BNCHECK_SEED",
-                     help="Seed of the batch shuffle."),
+        click.option("--seed", type=click.IntRange(SEED_MIN, SEED_MAX), default=0, show_default=True,
+                     envvar="BNCHECK_SEED", help="Seed of the batch shuffle."),
         click.option("--max-batches", type=click.IntRange(min=1), envvar="BNCHECK_MAX_BATCHES",
                      help="Use at most N batches (a seeded uniform subset)."),
         click.option("--quiet", "-q", is_flag=True, envvar="BNCHECK_QUIET", help="No progress bar."),
     ]):
         command = decorator(command)
     return command
+
+
+def force_option(command):
+    return click.option("--force", is_flag=True,
+                        help="Overwrite the -o file if it exists (never one of the command's inputs).")(command)
 
 
 def output_options(command):
@@ -125,12 +196,31 @@ def _render_options(all_layers, top, per_channel=False, to_file=False) -> Render
     return RenderOptions(all_layers=all_layers, top=top, per_channel=per_channel, color=tty, width=width)
 
 
-def _emit(text: str, path: str | None) -> None:
+def _emit(text: str, target) -> None:
     """Report to stdout, or to a file written only once complete."""
-    if path is None:
+    if target is None:
         click.echo(text, nl=False)
         return
-    write_atomically(Path(path), text.encode())
+    from .files import write_output
+
+    write_output(target, lambda temp: Path(temp).write_bytes(text.encode()))
+
+
+def _output_target(path: str | None, force: bool, model_spec: str, *, option: str = "-o", **inputs: str | None):
+    """The checked output file of a command (``option`` names it in messages): never one of its inputs
+    (MODEL, and each keyword, e.g. ``checkpoint=`` for --checkpoint; another output of the same command
+    too), never an existing file without --force. Checked before any work is done."""
+    if path is None:
+        return None
+    from .files import OutputTarget, check_output
+    from .loading.model_sources import is_named_model_spec
+    from .loading.user_module import split_spec
+
+    named = [] if is_named_model_spec(model_spec) else [("MODEL", split_spec(model_spec)[0])]
+    named += [(f"--{option.replace('_', '-')}", Path(value)) for option, value in inputs.items() if value]
+    target = OutputTarget(Path(path), inputs=tuple(named), force=force, option=option)
+    check_output(target)
+    return target
 
 
 def _user_code_prints_to_stderr():
@@ -144,21 +234,6 @@ def _check_checkpoint_suffix(target: Path, framework: str) -> None:
         raise InputProblem(f"-o {target}: a Keras model is written as a .keras file (or .weights.h5)")
     if framework == "torch" and name.endswith((".keras", ".h5", ".hdf5")):
         raise InputProblem(f"-o {target}: a PyTorch model is written as a state_dict (.pt or .safetensors)")
-
-
-def _require_output_folder(path: str | None) -> None:
-    """Fail before the work, not after it, when -o points into a missing folder."""
-    if path is not None and not Path(path).parent.is_dir():
-        raise InputProblem(f"output folder does not exist: {Path(path).parent}")
-
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    from .files import write_bytes_atomically
-
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputProblem(f"output folder does not exist: {directory}")
-    write_bytes_atomically(path, payload)
 
 
 class _Progress:
@@ -242,7 +317,7 @@ def _load(model_spec, *, need_data, checkpoint, unsafe_pickle, num_classes, data
                        data=DataOptions(data_path, image_size, normalize, layout, input_key, target_key))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="bncheck")
 def main():
     """Find, explain and fix BatchNorm train/eval discrepancies.
@@ -261,7 +336,7 @@ def main():
 @output_options
 @run_options
 @click.option("--max-samples", type=click.IntRange(min=2), help="Use at most N samples (seeded uniform subset).")
-@click.option("--max-gap", type=click.FloatRange(min=0), envvar="BNCHECK_MAX_GAP",
+@click.option("--max-gap", type=click.FloatRange(min=0), envvar="BNCHECK_MAX_GAP", callback=_check_not_nan,
               help="Largest train-minus-eval accuracy gap that passes, as a fraction [default: 0.05]; "
                    "for tasks without accuracy, the relative loss gap [default: 0.10].")
 @click.option("--quick", is_flag=True, envvar="BNCHECK_QUICK",
@@ -278,6 +353,7 @@ def main():
               help="Batches the attribution runs on; it costs (top + 4) forwards over each.")
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the report to FILE (only once complete) instead of stdout.")
+@force_option
 @_fail_on_errors
 def diagnose(**params):
     """Compare eval-mode and train-mode BatchNorm on the data and explain the gap.
@@ -291,8 +367,8 @@ def diagnose(**params):
     from .diagnosis import diagnose as run_diagnosis
     from .render import renderer_for
 
-    output_path = params["output_path"]
-    _require_output_folder(output_path)
+    target = _output_target(params["output_path"], params["force"], params["model_spec"],
+                            checkpoint=params["checkpoint"], data=params["data_path"])
     resolve_device(params["device"])  # fail before the model is built and trained
     with _processes(params["device"], params["dist_timeout"]) as world:
         with _user_code_prints_to_stderr(), _Progress(params["quiet"] or not world.is_main, "diagnosing") as progress:
@@ -302,12 +378,11 @@ def diagnose(**params):
                 max_samples=params["max_samples"], loss_fn=loaded.loss_fn, attribute=params["attribute"],
                 attribute_top=params["attribute_top"], attribute_batches=params["attribute_batches"],
                 dropout_batches=params["dropout_batches"], missing_running_stats=loaded.missing_running_stats,
-                averaging_hints=loaded.averaging_hints, notes=loaded.notes, progress=progress, world=world,
-                **_run_keywords(params))
+                missing_update_counts=loaded.missing_update_counts, averaging_hints=loaded.averaging_hints,
+                notes=loaded.notes, progress=progress, world=world, **_run_keywords(params))
         if world.is_main:
-            options = _render_options(params["all_layers"], params["top"], params["per_channel"],
-                                      output_path is not None)
-            _emit(renderer_for(OutputFormat(params["fmt"]))(options).diagnosis(report), output_path)
+            options = _render_options(params["all_layers"], params["top"], params["per_channel"], target is not None)
+            _emit(renderer_for(OutputFormat(params["fmt"]))(options).diagnosis(report), target)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
 
 
@@ -316,8 +391,9 @@ def diagnose(**params):
 @output_options
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the report to FILE instead of stdout.")
+@force_option
 @_fail_on_errors
-def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers, top, output_path):
+def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers, top, output_path, force):
     """Check norm layers without data: init-valued stats, momentum, frozen layers, reuse.
 
     Example: bncheck inspect model.py --checkpoint last.ckpt
@@ -325,14 +401,14 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
     from .inspection import inspect as run_inspection
     from .render import renderer_for
 
-    _require_output_folder(output_path)
+    target = _output_target(output_path, force, model_spec, checkpoint=checkpoint)
     with _user_code_prints_to_stderr():
         loaded = _load(model_spec, need_data=False, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                        num_classes=num_classes)
         report = run_inspection(loaded.model, missing_running_stats=loaded.missing_running_stats,
-                                notes=loaded.notes)
-    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, False, output_path is not None))
-    _emit(renderer.inspection(report), output_path)
+                                missing_update_counts=loaded.missing_update_counts, notes=loaded.notes)
+    renderer = renderer_for(OutputFormat(fmt))(_render_options(all_layers, top, False, target is not None))
+    _emit(renderer.inspection(report), target)
     sys.exit(EXIT_PASS if report.passed else EXIT_FAIL)
 
 
@@ -342,7 +418,7 @@ def inspect(model_spec, checkpoint, unsafe_pickle, num_classes, fmt, all_layers,
 @run_options
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help="New checkpoint: a state_dict (.pt), or a .keras file for Keras models.")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@force_option
 @click.option("--num-samples", type=click.IntRange(min=2), help="Recompute from at most N samples.")
 @click.option("--include-frozen", is_flag=True, help="Also recompute the layers that use their running statistics "
               "under model.train() (kept in eval by an overridden train(), FrozenBatchNorm).")
@@ -366,46 +442,28 @@ def recalibrate(**params):
     Example: bncheck recalibrate model.py -o fixed.pt
     """
     from .devices import resolve_device
+    from .render import renderer_for
 
-    target = Path(params["output_path"])
-    _check_output_checkpoint(target, params)
+    inputs = dict(checkpoint=params["checkpoint"], data=params["data_path"], val_data=params["val_data"])
+    target = _output_target(params["output_path"], params["force"], params["model_spec"], **inputs)
+    report = _output_target(params["report_path"], params["force"], params["model_spec"], option="--report",
+                            output=params["output_path"], **inputs)
     resolve_device(params["device"])  # fail before the model is built and trained
     with _processes(params["device"], params["dist_timeout"]) as world:
         with _user_code_prints_to_stderr(), _Progress(params["quiet"] or not world.is_main, "recalibrating") \
                 as progress:
             loaded = _load_for(params, need_data=True)
-            _check_checkpoint_suffix(target, loaded.framework)
+            _check_checkpoint_suffix(target.path, loaded.framework)
             saved = _recalibrate_and_save(loaded, params, target, world, progress)
         if world.is_main:
-            from .render import renderer_for
-
-            report_path = params["report_path"]
-            color = report_path is None and sys.stdout.isatty()
-            renderer = renderer_for(OutputFormat(params["fmt"]))(RenderOptions(color=color))
-            _emit(renderer.recalibration(saved), report_path)
+            options = RenderOptions(color=report is None and sys.stdout.isatty())
+            _emit(renderer_for(OutputFormat(params["fmt"]))(options).recalibration(saved), report)
 
 
-def _check_output_checkpoint(target: Path, params: dict) -> None:
-    from .errors import OutputExistsError
-
-    checkpoint = params["checkpoint"]
-    # Checked first: --force, which the next message suggests, would not help here.
-    if checkpoint is not None and Path(checkpoint).resolve() == target.resolve():
-        raise OutputExistsError("-o must differ from --checkpoint: the original checkpoint is never overwritten")
-    if target.exists() and not params["force"]:
-        raise OutputExistsError(f"{target} exists; pass --force to overwrite it")
-    _require_output_folder(str(target))
-    report_path = params["report_path"]
-    _require_output_folder(report_path)
-    inputs = {Path(p).resolve() for p in (params["output_path"], checkpoint, params["model_spec"],
-                                          params["model_spec"].split(":")[0], params["val_data"],
-                                          params["data_path"]) if p is not None}
-    if report_path is not None and Path(report_path).resolve() in inputs:
-        raise InputProblem(f"--report {report_path} would overwrite an input or the -o checkpoint; choose another file")
-
-
-def _recalibrate_and_save(loaded, params: dict, target: Path, world, progress):
-    from .recalibration import recalibrate as run_recalibration, save_recalibrated
+def _recalibrate_and_save(loaded, params: dict, target, world, progress):
+    from .files import write_output
+    from .frameworks import adapter_for
+    from .recalibration import recalibrate as run_recalibration
 
     validation = None
     if params["val_data"] is not None and not params["no_eval"]:
@@ -422,7 +480,8 @@ def _recalibrate_and_save(loaded, params: dict, target: Path, world, progress):
         **_run_keywords(params))
     if not world.is_main:
         return result
-    return save_recalibrated(fixed_model, target, result)
+    write_output(target, adapter_for(fixed_model).save)
+    return dataclasses.replace(result, output_path=str(target.path))
 
 
 def _load_for(params: dict, *, need_data: bool):

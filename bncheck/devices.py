@@ -5,7 +5,7 @@ import re
 
 from .errors import InputError
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d{1,4})?|mps)$")  # torch cannot parse a longer index
 
 
 def validate_device_text(text: str) -> str:

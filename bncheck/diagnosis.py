@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 from typing import Any, Callable
 
+from .arguments import check_max_gap
 from .averaging import averaging_hints as model_averaging_hints
 from .distributed import World, current_world
 from .engine import TRAIN_ON_DROPOUT_BATCHES, WITH_DROPOUT, PassResult, PassSpec, run_pass
@@ -13,7 +12,7 @@ from .errors import InputError
 from .findings import Evidence, find_causes
 from .frameworks import ForwardMode
 from .gating import DEFAULT_MAX_GAP, DEFAULT_MAX_RELATIVE_LOSS_GAP, StopRule, gap_of, gate_of  # noqa: F401
-from .layer_report import drift_sort_key, measure_layer, unmeasured_note
+from .layer_report import drift_sort_key, forget_update_counts, measure_layer, unmeasured_note
 from .outcomes import EVAL, TRAIN, mode_metrics
 from .probes import eval_batch_dependence, first_batch
 from .report import DataSummary, Gate, LayerReport, MetricsSet, Report, Verdict
@@ -34,6 +33,7 @@ def diagnose(
     dropout_batches: int = DEFAULT_DROPOUT_BATCHES,
     missing_running_stats: tuple[str, ...] = (),
     averaging_hints: tuple[str, ...] = (),
+    missing_update_counts: tuple[str, ...] = (),
     notes: tuple[str, ...] = (),
     progress: Callable[[int, int | None], None] | None = None,
     world: World | None = None,
@@ -60,7 +60,7 @@ def diagnose(
         with rank_zero_statistics(run) as rank_spread:
             result = run_pass(run, _pass_spec(run, max_gap, quick, dropout_batches), progress)
             dependence = _eval_batch_dependence(run)
-            layers = _layer_reports(run, result)
+            layers = _layer_reports(run, result, missing_update_counts)
             metrics = _metrics(result)
             gate = _gate(result, max_gap)
             attribution = None
@@ -86,8 +86,7 @@ def _eval_batch_dependence(run: Run) -> float | None:
 
 
 def _check_arguments(max_gap, attribute_top, attribute_batches, dropout_batches) -> None:
-    if max_gap is not None and not (isinstance(max_gap, (int, float)) and math.isfinite(max_gap) and max_gap >= 0):
-        raise InputError(f"max_gap must be a number >= 0, got {max_gap!r}")
+    check_max_gap(max_gap)
     for name, value, least in (("attribute_batches", attribute_batches, 1), ("attribute_top", attribute_top, 1),
                                ("dropout_batches", dropout_batches, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -101,14 +100,14 @@ def _pass_spec(run: Run, max_gap, quick: bool, dropout_batches: int) -> PassSpec
     return PassSpec(modes, dropout_batches=dropout_batches, stop=StopRule(max_gap) if quick else None)
 
 
-def _layer_reports(run: Run, result: PassResult) -> list[LayerReport]:
+def _layer_reports(run: Run, result: PassResult, missing_update_counts=()) -> list[LayerReport]:
     initial = {layer.name: layer.is_training for layer in run.layers}
     reports = (measure_layer(layer, result.layer_stats.get(layer.name), forwards=result.num_batches,
                              dropout_stats=result.dropout_layer_stats.get(layer.name),
                              dropout_base=result.dropout_base_stats.get(layer.name),
                              initial_training=initial[layer.name], order=result.order.get(layer.name))
                for layer in run.layers)
-    return sorted(reports, key=drift_sort_key)
+    return sorted(forget_update_counts(reports, missing_update_counts), key=drift_sort_key)
 
 
 def _metrics(result: PassResult) -> MetricsSet:
@@ -117,10 +116,11 @@ def _metrics(result: PassResult) -> MetricsSet:
 
 
 def _gate(result: PassResult, max_gap: float | None) -> Gate:
-    gate = gate_of(result.task, result.outcomes, max_gap)
-    if result.outcomes.nonfinite_eval_batches:
-        gate = dataclasses.replace(gate, passed=False)  # NaN eval-mode predictions are no pass
-    return gate
+    bad = result.outcomes.nonfinite_eval_batches
+    if bad:
+        # NaN or inf predictions fail whatever the metric says (argmax of NaN is no prediction).
+        return Gate("nonfinite_eval_outputs", bad / max(result.num_batches, 1), 0.0, False)
+    return gate_of(result.task, result.outcomes, max_gap)
 
 
 def _majority(result: PassResult) -> float | None:

@@ -353,12 +353,21 @@ def _loading(batches):
         except BncheckError:
             raise
         except Exception as error:
-            text = summarize(error)
-            hint = "; samples must share one shape (--image-size resizes image folders)" \
-                if "equal size" in text or "same size" in text else ""
-            raise DataError(f"cannot load batch {count}: {text}{hint}") from error
+            raise _load_failure(count, error) from error
         count += 1
         yield item
+
+
+def _load_failure(index: int, error: Exception) -> DataError:
+    """A hint that fits the failure: a collate shape mismatch, a file that cannot be read, or user code."""
+    text = summarize(error)
+    if isinstance(error, OSError) or type(error).__name__ == "DecompressionBombError":  # PIL's errors too
+        hint = "check that the data files exist, are readable, are not damaged and are not too large to open"
+    elif "equal size" in text or "same size" in text or "must match" in text:
+        hint = "samples must share one shape: pass --image-size for an image folder, or pad them in a collate_fn"
+    else:
+        hint = "check the dataset's __getitem__ and the loader's collate_fn"
+    return DataError(f"cannot load batch {index}: {text}; {hint}")
 
 
 def _forward(adapter, inputs: Any, index: int) -> Any:
@@ -384,14 +393,18 @@ def _infer_task(outputs: torch.Tensor, targets: Any, loss_fn) -> Task:
 
 
 def _as_tensor(targets: Any, index: int) -> Any:
-    """Targets given as a list of numbers become a tensor."""
-    if targets is None or isinstance(targets, (torch.Tensor, dict)):
+    """Targets given as a list of numbers become a tensor; boolean labels class indices, as in data files."""
+    if targets is None or isinstance(targets, dict):
         return targets
-    try:
-        return torch.as_tensor(targets)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise DataError(f"targets of batch {index} are a {type(targets).__name__} that is not a tensor of "
-                        "numbers; yield (inputs, targets) with targets a tensor") from error
+    if not isinstance(targets, torch.Tensor):
+        try:
+            targets = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise DataError(f"targets of batch {index} are a {type(targets).__name__} that is not a tensor of "
+                            "numbers; yield (inputs, targets) with targets a tensor") from error
+    if targets.is_complex():
+        raise DataError(f"targets of batch {index} are complex numbers; yield class indices or real values")
+    return targets.long() if targets.dtype == torch.bool else targets
 
 
 def _score(task: Task, outputs: torch.Tensor, targets: Any, loss_fn, index: int) -> SampleScores:

@@ -38,6 +38,10 @@ class OutputExistsError(InputError):
     """Refusing to overwrite an existing output file."""
 
 
+class OutputIsInputError(InputError):
+    """Refusing an output file that is one of the command's inputs (by any name or link)."""
+
+
 class BackendError(InputError):
     """An optional framework (torchvision, timm, keras, lightning, safetensors) is missing or misconfigured."""
 
@@ -57,7 +61,9 @@ class BatchNormCheckFailed(BncheckError):
 def summarize(error: BaseException, limit: int = 300) -> str:
     """An exception from torch, Keras or user code as one short line: its message lines joined."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) > limit:
+        cut = text[: limit - 3]
+        text = (cut.rsplit(" ", 1)[0] if " " in cut else cut) + "..."  # at a word boundary, not mid-word
     return text or type(error).__name__
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from .run import require_running_stats
 from .findings import Evidence, find_causes
 from .frameworks import adapter_for
-from .layer_report import measure_layer
+from .layer_report import forget_update_counts, measure_layer
 from .report import Finding, LayerReport, Severity, Verdict
 
 
@@ -24,10 +24,12 @@ class InspectionReport:
         return self.verdict is Verdict.PASS
 
 
-def inspect(model: Any, *, missing_running_stats: tuple[str, ...] = (), notes: tuple[str, ...] = ()) -> InspectionReport:
+def inspect(model: Any, *, missing_running_stats: tuple[str, ...] = (), notes: tuple[str, ...] = (),
+            missing_update_counts: tuple[str, ...] = ()) -> InspectionReport:
     """Init-valued or missing statistics, momentum, frozen layers and shared modules, from the model alone.
 
-    The verdict fails only on error-severity findings.
+    ``missing_update_counts`` names layers whose ``num_batches_tracked`` a checkpoint lacked: their
+    counter (0 after loading) is unknown, not a count. The verdict fails only on error-severity findings.
     """
     adapter = adapter_for(model)
     layers = adapter.norm_layers()
@@ -37,11 +39,12 @@ def inspect(model: Any, *, missing_running_stats: tuple[str, ...] = (), notes: t
     for layer in layers:
         report = measure_layer(layer, None, forwards=0, initial_training=layer.is_training)
         reports.append(replace(report, calls_per_forward=float(uses.get(id(layer.source_module), 1))))
-    evidence = Evidence(layers=tuple(reports), missing_running_stats=missing_running_stats,
+    reports = forget_update_counts(reports, missing_update_counts)
+    evidence = Evidence(layers=reports, missing_running_stats=missing_running_stats,
                         framework=adapter.framework)
     findings = find_causes(evidence)
     failed = any(f.severity is Severity.ERROR for f in findings)
-    return InspectionReport(Verdict.FAIL if failed else Verdict.PASS, adapter.framework, tuple(reports), findings,
+    return InspectionReport(Verdict.FAIL if failed else Verdict.PASS, adapter.framework, reports, findings,
                             tuple(notes))
 
 

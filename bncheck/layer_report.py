@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -115,6 +116,13 @@ def _min(t):
 
 def _mean(t):
     return None if t is None or t.numel() == 0 else _finite(float(t.mean()))
+
+
+def forget_update_counts(reports, names) -> tuple[LayerReport, ...]:
+    """Layers whose ``num_batches_tracked`` a checkpoint lacked: the counter left after loading is no
+    count, so it and the EMA weight derived from it are unknown (None) rather than 0 and 1."""
+    return tuple(replace(r, num_batches_tracked=None, initial_weight=None) if r.name in names else r
+                 for r in reports)
 
 
 def drift_sort_key(layer: LayerReport) -> tuple:

@@ -13,13 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .arguments import check_integer, check_seed
 from .batches import BatchPlan, plan_batches
 from .distributed import DEFAULT_TIMEOUT_S, World, current_world
 from .errors import InputError, NoNormLayersError
 from .frameworks import ModelAdapter, NormLayer, adapter_for
 
 AMP_DTYPES = ("bf16", "fp16")
-_MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,10 @@ class RunOptions:
         return options
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_batches", "max_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise InputError(f"{name} must be a whole number, got {value!r}")
-        for name, least in (("max_batches", 1), ("max_samples", 2)):  # batch sizes: checked by the plan
-            value = getattr(self, name)
-            if value is not None and value < least:
-                raise InputError(f"{name} must be at least {least}, got {value}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= _MAX_SEED:
-            raise InputError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
+        check_integer("max_batches", self.max_batches, minimum=1)
+        check_integer("max_samples", self.max_samples, minimum=2)
+        check_integer("batch_size", self.batch_size)  # its range is the plan's to say (DataError)
+        check_seed(self.seed)
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise InputError(f"amp must be one of {', '.join(AMP_DTYPES)} (or None), got {self.amp!r}")
         if not (isinstance(self.dist_timeout, (int, float)) and math.isfinite(self.dist_timeout)

@@ -282,6 +282,33 @@ def healthy_dropout_mlp(_trained_dropout_mlp):
     return copy.deepcopy(_trained_dropout_mlp)
 
 
+# --------------------------------------------------------------------------- model.py files
+
+# An untrained model.py for the CLI tests whose subject is not the statistics (files, errors): it loads fast.
+LIGHT_MODEL = """
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(64, 4, generator=g) * 2 + 5, torch.arange(64) % 3
+
+dataset = torch.utils.data.TensorDataset(*_data())
+"""
+
+
+def write_light_model(folder, name: str = "model.py", extra: str = ""):
+    import textwrap
+
+    path = folder / name
+    path.write_text(LIGHT_MODEL + textwrap.dedent(extra))
+    return path
+
+
 # --------------------------------------------------------------------------- golden files
 
 

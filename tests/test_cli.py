@@ -402,7 +402,7 @@ def test_recalibrate_refuses_output_equal_to_checkpoint(models, tmp_path, force)
     torch.save(import_file(models["shift"]).build_model().state_dict(), checkpoint)
     before = checkpoint.read_bytes()
     args = ["recalibrate", models["shift"], "--checkpoint", checkpoint, "-o", checkpoint]
-    assert_input_error(run(*args, *(["--force"] if force else [])), "-o must differ from --checkpoint")
+    assert_input_error(run(*args, *(["--force"] if force else [])), "is the --checkpoint file", "never writes over")
     assert checkpoint.read_bytes() == before
 
 

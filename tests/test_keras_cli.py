@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 
@@ -278,24 +277,37 @@ def test_stats_of_other_data_are_a_mismatch_not_unconverged(tiny):
     assert not report.passed and "stats-mismatch" in found and "stats-not-converged" not in found
 
 
+def test_recalibrate_force_never_replaces_the_keras_model_file(tiny, tmp_path):
+    model_file = tmp_path / "model.keras"
+    model_file.write_bytes(tiny["keras"].read_bytes())
+    input_error(run("recalibrate", model_file, "--data", tiny["data"], "-o", model_file, "--force"),
+                "is the MODEL file", "never writes over")
+    assert model_file.read_bytes() == tiny["keras"].read_bytes()
+
+
 # --- the Keras examples -------------------------------------------------------------------------------
 
 
 def test_resnet50_three_images_example(tmp_path):
-    """Seed 000 with Keras itself: fit() 100%, evaluate() 33%; bncheck names stats-not-converged and
-    `recalibrate` gives a .keras file whose evaluate() is 100%. About 10-30 s on 2 CPU cores."""
-    start = time.perf_counter()
+    """Seed 000 with Keras itself: fit() reaches 100%, evaluate() on the same images does not; bncheck
+    agrees with evaluate(), names stats-not-converged, and `recalibrate` gives a .keras file whose
+    evaluate() is 100%. Five steps of ResNet50 are chaotic: which images evaluate() gets wrong depends on
+    the CPU's float kernels and the thread count (all three here, one on another CPU), so that is not
+    asserted; that fit() is right, evaluate() is not, and recalibration fixes it, is."""
     example = import_path(EXAMPLES / "keras_resnet50_three_images" / "model.py", "bncheck_test_resnet50_three")
     model = example.build_model()
     x, y = example.images()
     assert model.history.history["accuracy"][-1] == 1.0
-    assert model.evaluate(x, y, verbose=0)[1] == pytest.approx(1 / 3)
+    keras_loss, keras_accuracy = model.evaluate(x, y, verbose=0)
+    assert keras_accuracy <= 2 / 3  # at least one of the three images wrong
     model.save(tmp_path / "resnet50.keras")
     np.savez(tmp_path / "three.npz", x=x, y=y)
 
     code, report = cli_json("diagnose", tmp_path / "resnet50.keras", "--data", tmp_path / "three.npz")
     assert code == EXIT_FAIL and len(report["layers"]) == 53
-    assert report["metrics"]["train"]["accuracy"] == 1.0 and report["metrics"]["eval"]["accuracy"] == pytest.approx(1 / 3)
+    assert report["metrics"]["train"]["accuracy"] == 1.0
+    assert report["metrics"]["eval"]["accuracy"] == pytest.approx(keras_accuracy)  # bncheck's eval is Keras'
+    assert report["metrics"]["eval"]["loss"] == pytest.approx(keras_loss, rel=1e-3)
     assert "stats-not-converged" in codes(report, "error")
     assert {layer["num_batches_tracked"] for layer in report["layers"]} == {5}
 
@@ -304,7 +316,6 @@ def test_resnet50_three_images_example(tmp_path):
     assert code == EXIT_PASS
     fixed = example.compile_model(keras.saving.load_model(tmp_path / "fixed.keras", compile=False))
     assert fixed.evaluate(x, y, verbose=0)[1] == 1.0
-    assert time.perf_counter() - start < 120  # documented as about half a minute
 
 
 def test_frozen_base_example(tmp_path):

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import bncheck
-from bncheck.errors import NoNormLayersError
+from bncheck.errors import InputError, NoNormLayersError
 from bncheck.frameworks.torch_adapter import TorchModelAdapter
 from bncheck.recalibration import RecalibrationResult, save_recalibrated
 from conftest import (
@@ -227,13 +227,13 @@ def test_save_recalibrated_is_atomic_when_saving_fails(broken_convnet, images, t
 
     monkeypatch.setattr(TorchModelAdapter, "save", failing_save)
     path = tmp_path / "fixed.pt"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="cannot write .*fixed.pt: disk full"):
         save_recalibrated(fixed, path, result)
     assert list(tmp_path.iterdir()) == []
 
     # an existing file at the destination is left as it was
     path.write_bytes(b"previous checkpoint")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputError, match="cannot write .*fixed.pt: disk full"):
         save_recalibrated(fixed, path, result)
     assert path.read_bytes() == b"previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["fixed.pt"]

@@ -290,5 +290,5 @@ def test_recalibrate_report_may_not_overwrite_the_checkpoint_or_an_input(tmp_pat
     result = CliRunner().invoke(main, ["recalibrate", f"{shift_model}:build_model", "-o", str(fixed),
                                        "--report", str(report)])
     assert result.exit_code == EXIT_ERROR
-    assert "--report" in result.stderr and "choose another file" in result.stderr
+    assert "--report" in result.stderr and "never writes over its inputs; choose another --report" in result.stderr
     assert not fixed.exists() and shift_model.read_text() == source

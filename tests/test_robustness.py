@@ -189,7 +189,7 @@ def test_report_written_through_a_symlink_keeps_the_link(tmp_path):
     target.write_text("{}")
     link = tmp_path / "link.json"
     link.symlink_to(target)
-    result = CliRunner().invoke(main, ["diagnose", write(tmp_path), "--format", "json", "-o", str(link)])
+    result = CliRunner().invoke(main, ["diagnose", write(tmp_path), "--format", "json", "-o", str(link), "--force"])
     assert result.exit_code in (0, 1)
     assert link.is_symlink()
     assert json.loads(target.read_text())["kind"] == "diagnosis"

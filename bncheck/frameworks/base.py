@@ -155,7 +155,13 @@ class ModelAdapter(ABC):
         """An independent copy of the model, for changes the caller did not ask to make in place."""
         import copy
 
-        return copy.deepcopy(self.model)
+        from ..errors import InputError, summarize
+
+        try:
+            return copy.deepcopy(self.model)
+        except Exception as error:  # a lock, an open file, old-style weight_norm's non-leaf tensors
+            raise InputError(f"cannot copy the model to recalibrate the copy ({type(error).__name__}: "
+                             f"{summarize(error, 160)}); recalibrate it in place instead (inplace=True)") from error
 
     def save(self, path) -> None:
         """Write the model's weights and buffers to ``path`` in the framework's own format."""

@@ -153,7 +153,7 @@ class TorchModelAdapter(ModelAdapter):
 
                 raise BackendError("writing .safetensors needs the safetensors package: pip install safetensors") \
                     from error
-            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()}, str(path))
+            save_file(_unshared(self.model.state_dict()), str(path))
         else:
             torch.save(self.model.state_dict(), path)
 
@@ -182,6 +182,19 @@ class TorchModelAdapter(ModelAdapter):
 
     def prepare_inputs(self, inputs: Any, device: torch.device, *, channels_last: bool = False) -> Any:
         return _to_device(inputs, device, channels_last)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): later names get their own copy,
+    which load_state_dict copies back into the one shared parameter."""
+    seen: set[int] = set()
+    result = {}
+    for key, value in state.items():
+        value = value.detach()
+        pointer = value.untyped_storage().data_ptr()
+        result[key] = value.clone() if pointer in seen and value.numel() else value.contiguous()
+        seen.add(pointer)
+    return result
 
 
 def _to_device(value: Any, device: torch.device, channels_last: bool) -> Any:

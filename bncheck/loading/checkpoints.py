@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ EMA_STATE_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 
 RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+# torch's weights-only unpickler reads the pickle protocols torch.save writes, not newer ones.
+UNREADABLE_PICKLE = ("uses a pickle protocol that torch.load(weights_only=True) cannot read (an old torch.save "
+                     "with pickle_protocol=4 or more); save it again with torch.save(obj, path)")
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
@@ -66,6 +71,8 @@ def read_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> RawChec
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory; pass the checkpoint file itself")
+    if not path.is_file():  # a FIFO would block forever, /dev/zero never ends
+        raise CheckpointError(f"checkpoint {path} is not a regular file; pass the checkpoint file itself")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     obj = _torch_load(path, unsafe_pickle)
@@ -298,9 +305,24 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({exc})") from exc
 
 
+def newer_pickle_protocol(path: Path) -> bool:
+    """A legacy-format torch.save file pickled with protocol 4 or 5 (it starts with PROTO 4 or 5)."""
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    return len(start) == 2 and start[0] == 0x80 and start[1] >= 4
+
+
+def quiet_torch_load(path: Path, *, weights_only: bool) -> object:
+    """``torch.load`` without its warnings (pickle protocol, weights_only defaults): what went wrong
+    reaches the user as bncheck's one-line error, and a file that loads needs no lines of advice."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
 def _torch_load(path: Path, unsafe_pickle: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+        return quiet_torch_load(path, weights_only=not unsafe_pickle)
     except pickle.UnpicklingError as exc:
         refused = _UNSUPPORTED_GLOBAL.search(str(exc))
         if not unsafe_pickle and refused:
@@ -308,6 +330,9 @@ def _torch_load(path: Path, unsafe_pickle: bool) -> object:
                 f"checkpoint {path} holds pickled Python objects ({refused.group(1)}), not just tensors; "
                 "pass --unsafe-pickle only if you trust the file, because unpickling runs code from it"
             ) from exc
+        if not unsafe_pickle and "Unsupported operand" in str(exc) and newer_pickle_protocol(path):
+            raise CheckpointError(
+                f"checkpoint {path} {UNREADABLE_PICKLE}; pass --unsafe-pickle only if you trust the file") from exc
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({_short(exc)}); pass a file written by torch.save or safetensors"
         ) from exc

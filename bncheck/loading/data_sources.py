@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import math
 import pickle
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,10 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from ..batches import UnlabelledDataset
-from ..errors import BackendError, DataError, InputError
+from ..errors import BackendError, DataError, InputError, summarize
+from .checkpoints import UNREADABLE_PICKLE, newer_pickle_protocol, quiet_torch_load
+from .image_folders import image_folder_without_loops
+from .numpy_files import check_numpy_file
 
 
 class Layout(enum.Enum):
@@ -69,8 +74,8 @@ def parse_normalization(text: str) -> Normalization | None:
         raise InputError(
             f"normalize {text!r}: expected imagenet, none, MEAN,STD or M1,M2,M3;S1,S2,S3"
         ) from None
-    if len(mean) != len(std) or min(std) <= 0:
-        raise InputError(f"normalize {text!r}: needs as many means as stds, and every std above 0")
+    if len(mean) != len(std) or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise InputError(f"normalize {text!r}: needs as many means as stds, finite numbers, and every std above 0")
     return Normalization(mean=mean, std=std)
 
 
@@ -119,6 +124,8 @@ def load_data_path(
             raise DataError(f"data {path}: --input-key/--target-key apply only to .pt/.pth and .npz files")
         norm = _resolve_normalization(normalize, default=IMAGENET)
         return _load_image_folder(path, size, norm, channels_last)
+    if not path.is_file():  # a FIFO would block forever, /dev/zero never ends
+        raise DataError(f"data {path} is not a regular file; pass {SUPPORTED_KINDS}")
     inputs, targets = _read_tensors(path, input_key, target_key)
     norm = _resolve_normalization(normalize, default=None)
     return _tensor_dataset(path, inputs, targets, size, norm, layout, channels_last)
@@ -147,8 +154,10 @@ def check_uniform_shapes(dataset: Dataset, *, limit: int = 256) -> tuple[int, ..
 def _sample_shape(dataset: Dataset, index: int) -> tuple[int, ...]:
     try:
         item = dataset[index]
-    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"sample {index} cannot be read: {exc}") from exc
+    except Exception as exc:  # PIL: UnidentifiedImageError (an OSError), DecompressionBombError, ...
+        samples = getattr(dataset, "samples", None)
+        where = f" ({samples[index][0]})" if samples else ""
+        raise DataError(f"sample {index}{where} cannot be read: {summarize(exc, 200)}; fix or remove it") from exc
     sample = item[0] if isinstance(item, (tuple, list)) else item
     if not hasattr(sample, "shape"):
         raise DataError(f"sample {index} is a {type(sample).__name__}, not a tensor")
@@ -199,7 +208,7 @@ def _load_image_folder(
     if channels_last:
         steps.append(_ToChannelsLast())
     try:
-        dataset = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
+        dataset = image_folder_without_loops(datasets)(str(path), transform=transforms.Compose(steps))
     except FileNotFoundError as exc:
         raise DataError(
             f"data folder {path} holds no images in class subfolders; expected {path}/CLASS/IMAGE.png"
@@ -230,30 +239,41 @@ def _torch_load_data(path: Path) -> object:
     try:
         # TensorDataset only holds tensors; allowing it keeps weights_only's safety.
         with torch.serialization.safe_globals([TensorDataset]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return quiet_torch_load(path, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise DataError(
-            f"data {path} holds pickled Python objects that are not loaded, because unpickling runs code; "
-            "save tensors instead, e.g. torch.save((inputs, targets), path)"
-        ) from exc
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise DataError(f"data {path} cannot be read by torch.load: {str(exc).splitlines()[0]}") from exc
+        if "Unsupported operand" in str(exc) and newer_pickle_protocol(path):
+            raise DataError(f"data {path} {UNREADABLE_PICKLE}") from exc
+        if "Unsupported global" in str(exc):
+            raise DataError(
+                f"data {path} holds pickled Python objects that are not loaded, because unpickling runs code; "
+                "save tensors instead, e.g. torch.save((inputs, targets), path)"
+            ) from exc
+        raise _unreadable(path, exc) from exc
+    except Exception as exc:  # garbage bytes fail anywhere in the unpickler: IndexError, EOFError, ...
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    return DataError(f"data {path} cannot be read by torch.load ({type(exc).__name__}: {summarize(exc, 160)}); "
+                     "pass a file written by torch.save, e.g. torch.save((inputs, targets), path)")
 
 
 def _numpy_load(path: Path) -> dict[str, Tensor]:
+    check_numpy_file(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return {"array": _from_numpy(loaded, path)}
         with loaded:
             return {name: _from_numpy(loaded[name], path) for name in loaded.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"data {path} cannot be read by numpy: {exc}") from exc
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
+        raise DataError(f"data {path} cannot be read by numpy ({summarize(exc)}); write it again with "
+                        "numpy.save/savez") from exc
 
 
 def _from_numpy(array: np.ndarray, path: Path) -> Tensor:
     try:
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))  # keeps 0-d arrays 0-d
     except TypeError as exc:
         raise DataError(f"data {path}: arrays of dtype {array.dtype} are not numeric tensors") from exc
 
@@ -288,7 +308,7 @@ def _pick_named(
         pair = next((p for p in DEFAULT_KEYS if p[0] in named), None)
         if pair is not None:
             inputs_name, targets_name = pair[0], target_key or (pair[1] if pair[1] in named else None)
-        elif by_name_fallback and named:
+        elif by_name_fallback and any(k != target_key for k in named):
             names = sorted(k for k in named if k != target_key)
             inputs_name = names[0]
             targets_name = target_key or (names[1] if len(names) > 1 else None)
@@ -296,7 +316,7 @@ def _pick_named(
             raise DataError(f"data {path} has arrays {keys} but none named inputs or x; pass --input-key")
     inputs, targets = named[inputs_name], (named[targets_name] if targets_name else None)
     for name, value in ((inputs_name, inputs), (targets_name, targets)):
-        if value is not None and not isinstance(value, Tensor):
+        if (value is not None or name == inputs_name) and not isinstance(value, Tensor):
             raise DataError(f"data {path}: {name!r} holds a {type(value).__name__}, not a tensor")
     return inputs, targets
 

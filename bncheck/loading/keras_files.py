@@ -42,6 +42,11 @@ def load_keras_model(path: str | os.PathLike, *, custom_objects: dict[str, Any] 
     try:
         model = keras.saving.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
     except Exception as exc:
+        if "safe_mode" in str(exc):  # Keras' advice names a loading argument bncheck does not offer
+            raise CheckpointError(
+                f"cannot load Keras model {path}: it holds Python code (a Lambda layer), which bncheck never runs "
+                "from a file; build the model in a model.py (build_model()) and pass this file as --checkpoint "
+                "for its weights") from exc
         raise CheckpointError(f"cannot load Keras model {path}: {_one_line(exc)}") from exc
     steps = saved_optimizer_steps(path)
     if steps is not None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..errors import BackendError, InputError
+from ..errors import BackendError, InputError, summarize
 
 SOURCES = ("torchvision", "timm")
 
@@ -51,8 +51,8 @@ def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
     extra = {} if num_classes is None else {"num_classes": num_classes}
     try:
         return models.get_model(name, weights=None, **extra)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"torchvision:{name} cannot be built with {extra or 'defaults'}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError, MemoryError) as exc:  # RuntimeError: a head too big to allocate
+        raise InputError(_build_failed("torchvision", name, extra, exc)) from exc
 
 
 def _build_timm(name: str, num_classes: int | None) -> nn.Module:
@@ -65,8 +65,13 @@ def _build_timm(name: str, num_classes: int | None) -> nn.Module:
     extra = {} if num_classes is None else {"num_classes": num_classes}
     try:
         return timm.create_model(name, pretrained=False, **extra)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"timm:{name} cannot be built with {extra or 'defaults'}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError, MemoryError) as exc:
+        raise InputError(_build_failed("timm", name, extra, exc)) from exc
+
+
+def _build_failed(source: str, name: str, extra: dict, exc: BaseException) -> str:
+    hint = "; pass the number of classes the checkpoint was trained with" if extra else ""
+    return f"{source}:{name} cannot be built with {extra or 'defaults'}: {summarize(exc, 200)}{hint}"
 
 
 def _unknown_name_message(source: str, name: str, available: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ class LoadedInputs:
     loss_fn: Callable | None
     framework: str
     missing_running_stats: tuple[str, ...] = ()   # layer names whose buffers the checkpoint lacked
+    missing_update_counts: tuple[str, ...] = ()   # layers whose statistics loaded but num_batches_tracked did not
     notes: tuple[str, ...] = field(default_factory=tuple)
     averaging_hints: tuple[str, ...] = ()          # why the checkpoint's weights look averaged (SWA, EMA)
 
@@ -79,6 +80,7 @@ def load_inputs(
 
         import_keras()  # BackendError if model.py imported Keras on another backend
     missing: tuple[str, ...] = ()
+    counters: tuple[str, ...] = ()
     hints: tuple[str, ...] = ()
     if checkpoint is not None:
         if framework == "keras":
@@ -86,7 +88,7 @@ def load_inputs(
 
             load_keras_weights(model, checkpoint)
         else:
-            missing, load_notes, hints = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
+            missing, counters, load_notes, hints = _load_torch_checkpoint(model, checkpoint, unsafe_pickle)
             notes += load_notes
     loaded_data = user_data
     if data.path is not None:
@@ -97,7 +99,7 @@ def load_inputs(
                                      channels_last=framework == "keras")
     if need_data and loaded_data is None:
         raise DataError(f"no data for {model_spec}: pass --data PATH")
-    return LoadedInputs(model, loaded_data, loss_fn, framework, missing, tuple(notes), hints)
+    return LoadedInputs(model, loaded_data, loss_fn, framework, missing, counters, tuple(notes), hints)
 
 
 PICKLED_MODEL_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".bin")
@@ -150,11 +152,18 @@ def _load_torch_checkpoint(model, path: str, unsafe_pickle: bool):
     if result.unexpected:
         notes.append(f"checkpoint has {len(result.unexpected)} keys the model does not use "
                      f"(first: {result.unexpected[0]})")
-    if running:
-        notes.append(f"checkpoint lacks {len(running)} running-statistics buffers (first: {sorted(running)[0]})")
-    # Old checkpoints lack num_batches_tracked alone; that loses no statistics.
+    # Old checkpoints lack num_batches_tracked alone; that loses no statistics, only their update counts.
     layers = tuple(sorted({_layer_of(k) for k in running if not k.endswith(".num_batches_tracked")}))
-    return layers, notes, result.averaging_hints
+    counters = tuple(sorted(_layer_of(k) for k in running if k.endswith(".num_batches_tracked")
+                            and _layer_of(k) not in layers))
+    lost = sorted(k for k in running if _layer_of(k) in layers)
+    if lost:
+        notes.append(f"checkpoint lacks {len(lost)} running-statistics buffers (first: {lost[0]})")
+    if counters:
+        notes.append(f"checkpoint lacks num_batches_tracked of {len(counters)} norm layers (first: {counters[0]}), "
+                     "as older checkpoints do: their update counts are unknown, their statistics are judged "
+                     "from the values")
+    return layers, counters, notes, result.averaging_hints
 
 
 def _layer_of(key: str) -> str:

@@ -65,7 +65,18 @@ def _call(path: Path, name: str, factory: Callable) -> Any:
 
 
 def load_user_module(spec: str, *, need_data: bool = True) -> UserModule:
-    """Import ``model.py`` and build its model (and data, unless ``need_data`` is False)."""
+    """Import ``model.py`` and build its model (and data, unless ``need_data`` is False).
+
+    No ``__pycache__`` is written beside the user's files: bncheck only reads them."""
+    previous = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        return _load_user_module(spec, need_data)
+    finally:
+        sys.dont_write_bytecode = previous
+
+
+def _load_user_module(spec: str, need_data: bool) -> UserModule:
     path, factory_name = split_spec(spec)
     os.environ.setdefault("KERAS_BACKEND", "torch")  # an `import keras` in model.py gets the backend bncheck drives
     module = _import_file(path)

@@ -1,4 +1,5 @@
-"""Number formatting and the drift scale shared by the human-readable renderers."""
+"""Number formatting and the drift scale shared by the human-readable renderers. Every formatter takes
+NaN and inf: corrupt running statistics produce them."""
 from __future__ import annotations
 
 import math
@@ -68,6 +69,8 @@ def drift_style(value: float | None) -> str:
 def gate_text(gate) -> str:
     if gate.metric == "accuracy":
         return f"accuracy gap {signed_points(gate.value)} (max {gate.threshold * 100:.1f} pts)"
+    if gate.metric == "nonfinite_eval_outputs":
+        return f"eval-mode outputs hold NaN or inf in {pct(gate.value)} of the batches (max 0%)"
     if gate.metric == "disagreement":
         return f"train/eval prediction disagreement {pct(gate.value)} (max {pct(gate.threshold)})"
     return f"relative loss gap {pct(gate.value)} (max {pct(gate.threshold)})"

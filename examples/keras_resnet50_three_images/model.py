@@ -4,7 +4,8 @@ Seeds 000/001, with Keras 3 itself (PyTorch backend): ``keras.applications.ResNe
 (weights=None) on 48x48 images, trained for 5 epochs of one batch. Every
 BatchNormalization keeps Keras' default momentum 0.99, so after 5 updates the moving mean/variance
 still weigh their 0/1 initial values at 0.99**5 = 95%: fit() (batch statistics) is right, evaluate()
-(moving statistics) gives all three images the same class.
+(moving statistics) is not: here it gives all three images the same class (which images it misses
+depends on the CPU's float kernels, see README.md).
 
     bncheck diagnose examples/keras_resnet50_three_images/model.py     # trains first: 10-40 s on 2 cores
 
