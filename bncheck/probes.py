@@ -15,7 +15,7 @@ from .batches import BatchPlan, batch_length, split_batch
 from .frameworks import ForwardMode, ModelAdapter
 from .tasks import select_output
 
-PROBE_SAMPLES = 8       # at most this many samples of the batch are probed
+PROBE_SAMPLES = 4       # at most this many samples of the batch are probed (two against two)
 ROUNDING_FLOOR = 1e-4   # relative output changes below this are rounding, whatever the dtype
 
 
