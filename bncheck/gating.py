@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .intervals import Interval, settles, sequential_z, z_value
+from .intervals import GATE_TOLERANCE, Interval, settles, sequential_z, z_value
 from .outcomes import (
     EVAL,
     TRAIN,
@@ -61,8 +61,8 @@ def _threshold(max_gap: float | None, default: float) -> float:
 
 
 def _gate(metric: str, value: float, threshold: float, interval: Interval | None) -> Gate:
-    # A NaN gap (NaN eval-mode outputs) is no pass: value <= threshold is False for NaN.
-    return Gate(metric, value, threshold, bool(value <= threshold), interval)
+    # A NaN gap (NaN eval-mode outputs) is no pass: the comparison is False for NaN.
+    return Gate(metric, value, threshold, bool(value <= threshold + GATE_TOLERANCE), interval)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ mode, so the two accuracies are paired proportions:
   the 2x2 table of paired outcomes. It keeps its coverage at small n and at gaps near
   0 or 1, where the Wald interval collapses.
 * :func:`ratio_interval` is the delta-method interval of a ratio of sums
-  ``sum D_i / sum T_i`` over independent units (per-pixel accuracy of segmentation maps,
-  where pixels of one image are not independent; relative loss gaps).
+  ``sum D_i / sum T_i`` over independent units, with Student's t quantile for the
+  number of units. The units are batches: in train mode every sample of a batch is
+  normalised with the same batch statistics, so samples of one batch are not
+  independent (relative loss gaps, per-pixel accuracy of segmentation maps).
 * :func:`wilson_interval` is the score interval of one proportion (label-free
   disagreement).
 
@@ -27,6 +29,8 @@ from statistics import NormalDist
 
 Interval = tuple[float, float]
 CONFIDENCE = 0.95
+MIN_RATIO_UNITS = 3     # batches a ratio interval needs (fewer give no interval)
+GATE_TOLERANCE = 1e-12  # a gap equal to its threshold, up to rounding, passes
 
 
 def z_value(confidence: float = CONFIDENCE) -> float:
@@ -37,6 +41,39 @@ def sequential_z(look: int, confidence: float = CONFIDENCE) -> float:
     """The z of look ``look`` (1, 2, ...) when the error rate ``1 - confidence`` is spent over all looks."""
     alpha = (1.0 - confidence) * 6.0 / (math.pi ** 2 * look ** 2)
     return NormalDist().inv_cdf(1.0 - alpha / 2)
+
+
+def t_quantile(z: float, dof: int) -> float:
+    """Student's t quantile with the two-sided tail probability of the normal quantile ``z``."""
+    if dof > 300:
+        v = float(dof)  # Cornish-Fisher: within 1e-6 there
+        return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v * v)
+                + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3))
+    target = 2 * NormalDist().cdf(z) - 1
+    low, high = z, max(2 * z, 1.0)
+    while _t_central(high, dof) < target:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if _t_central(middle, dof) < target else (low, middle)
+    return high
+
+
+def _t_central(t: float, dof: int) -> float:
+    """P(|T| < t) for Student's t with an integer ``dof`` (Abramowitz and Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(dof))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if dof % 2 == 0:
+        for k in range(1, dof // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+    if dof == 1:
+        return 2 * theta / math.pi
+    for k in range(1, (dof - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
 
 
 def wilson_interval(successes: float, n: float, z: float) -> Interval:
@@ -88,7 +125,7 @@ def paired_difference_interval(table: PairedTable, z: float) -> Interval:
 
 @dataclass(frozen=True)
 class RatioSums:
-    """Sums over independent units of a numerator ``D_i`` and denominator ``T_i``."""
+    """Sums over independent units (batches) of a numerator ``D_i`` and denominator ``T_i``."""
 
     n: float
     d: float
@@ -99,16 +136,17 @@ class RatioSums:
 
 
 def ratio_interval(sums: RatioSums, z: float) -> Interval | None:
-    """Delta-method interval of ``sum D / sum T``: ``R +- z * sqrt(sum (D_i - R T_i)^2 / (n (n - 1))) / mean T``.
+    """Delta-method interval of ``sum D / sum T``: ``R +- t * sqrt(sum (D_i - R T_i)^2 / (n (n - 1))) / mean T``,
+    with ``t`` the quantile of Student's t on ``n - 1`` degrees of freedom at ``z``'s level.
 
-    None with fewer than two units or a zero denominator.
+    None with fewer than :data:`MIN_RATIO_UNITS` units or a zero denominator.
     """
-    if sums.n < 2 or sums.t == 0:
+    if sums.n < MIN_RATIO_UNITS or sums.t == 0:
         return None
     ratio = sums.d / sums.t
     residual = sums.dd - 2 * ratio * sums.dt + ratio * ratio * sums.tt
     mean_t = sums.t / sums.n
-    half = z * math.sqrt(max(residual, 0.0) / (sums.n * (sums.n - 1))) / abs(mean_t)
+    half = t_quantile(z, int(sums.n) - 1) * math.sqrt(max(residual, 0.0) / (sums.n * (sums.n - 1))) / abs(mean_t)
     return (ratio - half, ratio + half)
 
 
@@ -118,8 +156,8 @@ def settles(interval: Interval | None, threshold: float) -> bool | None:
     if interval is None:
         return None
     low, high = interval
-    if low > threshold:
+    if low > threshold + GATE_TOLERANCE:
         return True
-    if high <= threshold:
+    if high <= threshold + GATE_TOLERANCE:
         return False
     return None

@@ -10,10 +10,10 @@ Sums (``eval``/``train`` paired per sample, ``t`` train-mode, ``e`` eval-mode):
 * per mode ``M``: ``M.loss`` (summed element losses) and ``M.correct``, with the element counts
   ``M.loss_elements``, ``M.scored`` and ``M.samples``;
 * accuracy pairs: ``acc.n`` samples, ``acc.t``/``acc.e`` correct elements, ``acc.te`` samples right
-  in both modes (binary outcomes), ``acc.m``, ``acc.mm`` scored elements, ``acc.d``, ``acc.dd``,
-  ``acc.dm`` for ``D = correct_t - correct_e`` (dense outcomes);
-* loss pairs over units (samples, or batches for a ``loss_fn``): ``loss.n``, ``loss.d``,
-  ``loss.t``, ``loss.dd``, ``loss.tt``, ``loss.dt`` with ``D = loss_e - loss_t``, ``T = loss_t``;
+  in both modes (binary outcomes);
+* ratios over batches ``K`` (``acc``: ``D`` = correct elements in train minus eval mode, ``T`` =
+  scored elements; ``loss``: ``D`` = eval minus train loss, ``T`` = train loss; ``agreeb``: ``D`` =
+  disagreeing samples, ``T`` = samples): ``K.units``, ``K.d``, ``K.t``, ``K.dd``, ``K.tt``, ``K.dt``;
 * label-free agreement: ``agree.n``, ``agree.a``, ``agree.aa``, and ``diverge`` (relative output
   distance); label balance: ``labels.share``, ``labels.batches``.
 """
@@ -107,30 +107,37 @@ class OutcomeMeter:
             self._largest = torch.maximum(self._largest, scores.largest_class.long())
 
     def add_pair(self, ev: SampleScores, tr: SampleScores, eval_out: torch.Tensor, train_out: torch.Tensor) -> None:
-        """The paired outcomes of one batch in eval and train mode."""
+        """The paired outcomes of one batch in eval and train mode: per sample for the paired
+        proportions, per batch (the units of the ratio intervals) for the rest."""
         if ev.correct is not None and tr.correct is not None:
-            d = tr.correct - ev.correct
             m = float(tr.scored)
             self._binary &= tr.scored == 1
             for name, value in (("acc.t", tr.correct.sum()), ("acc.e", ev.correct.sum()),
-                                ("acc.te", (tr.correct * ev.correct).sum()), ("acc.d", d.sum()),
-                                ("acc.dd", d.pow(2).sum()), ("acc.dm", d.sum() * m)):
+                                ("acc.te", (tr.correct * ev.correct).sum())):
                 self._add(name, value)
-            n = len(d)
-            for name, value in (("acc.n", n), ("acc.m", n * m), ("acc.mm", n * m * m)):
-                self._host_sums[name] += value
+            self._host_sums["acc.n"] += len(tr.correct)
+            self._add_unit("acc", (tr.correct - ev.correct).sum(), len(tr.correct) * m)
         if ev.loss is not None and tr.loss is not None:
-            d, t = ev.loss - tr.loss, tr.loss
-            for name, value in (("loss.d", d.sum()), ("loss.t", t.sum()), ("loss.dd", d.pow(2).sum()),
-                                ("loss.tt", t.pow(2).sum()), ("loss.dt", (d * t).sum())):
-                self._add(name, value)
-            self._host_sums["loss.n"] += len(d)
+            self._add_unit("loss", (ev.loss - tr.loss).sum(), tr.loss.sum())
         agreement = prediction_agreement(eval_out, train_out)
         self._binary_agreement &= eval_out.dim() <= 2
         self._add("agree.a", agreement.sum())
         self._add("agree.aa", agreement.pow(2).sum())
         self._add("diverge", relative_divergence(eval_out, train_out).sum())
         self._host_sums["agree.n"] += len(agreement)
+        self._add_unit("agreeb", len(agreement) - agreement.sum(), float(len(agreement)))
+
+    def _add_unit(self, key: str, d: torch.Tensor, t) -> None:
+        """One batch's numerator ``d`` and denominator ``t`` of a ratio, and their squares and product."""
+        for name, value in ((f"{key}.d", d), (f"{key}.dd", d * d), (f"{key}.dt", d * t)):
+            self._add(name, value)
+        if isinstance(t, torch.Tensor):
+            self._add(f"{key}.t", t)
+            self._add(f"{key}.tt", t * t)
+        else:
+            self._host_sums[f"{key}.t"] += t
+            self._host_sums[f"{key}.tt"] += t * t
+        self._host_sums[f"{key}.units"] += 1
 
     def add_labels(self, targets, num_outputs: int) -> None:
         self._num_outputs = num_outputs
@@ -184,25 +191,25 @@ def accuracy_gap_interval(outcomes: Outcomes, z: float) -> Interval | None:
     if outcomes.binary_accuracy:
         table = PairedTable.from_sums(n, outcomes.get("acc.t"), outcomes.get("acc.e"), outcomes.get("acc.te"))
         return paired_difference_interval(table, z)
+    return ratio_interval(_unit_sums(outcomes, "acc"), z)
+
+
+def _unit_sums(outcomes: Outcomes, key: str) -> RatioSums:
     s = outcomes.get
-    return ratio_interval(RatioSums(n, s("acc.d"), s("acc.m"), s("acc.dd"), s("acc.mm"), s("acc.dm")), z)
+    return RatioSums(s(f"{key}.units"), s(f"{key}.d"), s(f"{key}.t"), s(f"{key}.dd"), s(f"{key}.tt"), s(f"{key}.dt"))
 
 
 def relative_loss_interval(outcomes: Outcomes, z: float) -> Interval | None:
-    """(eval loss - train loss) / train loss, from per-unit loss differences."""
-    s = outcomes.get
-    return ratio_interval(RatioSums(s("loss.n"), s("loss.d"), s("loss.t"), s("loss.dd"), s("loss.tt"),
-                                    s("loss.dt")), z)
+    """(eval loss - train loss) / train loss, from per-batch loss differences."""
+    return ratio_interval(_unit_sums(outcomes, "loss"), z)
 
 
 def disagreement_interval(outcomes: Outcomes, z: float) -> Interval | None:
     """Share of samples whose predictions differ: Wilson for one prediction per sample, else the
-    interval of the mean per-sample disagreement."""
+    ratio interval over batches of the per-sample disagreement."""
     n, agree = outcomes.get("agree.n"), outcomes.get("agree.a")
     if not n:
         return None
     if outcomes.binary_agreement:
         return wilson_interval(n - agree, n, z)
-    # disagreement u = 1 - a: sum u = n - sum a, sum u^2 = n - 2 sum a + sum a^2
-    disagree, squares = n - agree, n - 2 * agree + outcomes.get("agree.aa")
-    return ratio_interval(RatioSums(n, disagree, n, squares, n, disagree), z)
+    return ratio_interval(_unit_sums(outcomes, "agreeb"), z)

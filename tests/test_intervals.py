@@ -14,9 +14,12 @@ from bncheck.intervals import (
     ratio_interval,
     sequential_z,
     settles,
+    t_quantile,
     wilson_interval,
     z_value,
 )
+from bncheck.outcomes import OutcomeMeter, relative_loss_interval
+from bncheck.tasks import SampleScores, Task
 from conftest import image_data, inject_drift, make_convnet, train_briefly
 
 Z = z_value()
@@ -75,8 +78,9 @@ def test_ratio_interval_matches_a_hand_computation_and_covers():
                      float((d * t).sum()))
     ratio = d.sum() / t.sum()
     se = math.sqrt(float(((d - ratio * t) ** 2).sum()) / (5 * 4)) / float(t.mean())
-    assert ratio_interval(sums, Z) == pytest.approx((float(ratio) - Z * se, float(ratio) + Z * se), rel=1e-12)
-    assert ratio_interval(RatioSums(1, 1, 1, 1, 1, 1), Z) is None
+    t4 = 2.7764451051977987  # Student's t, 4 degrees of freedom, 97.5% (scipy.stats.t.ppf)
+    assert ratio_interval(sums, Z) == pytest.approx((float(ratio) - t4 * se, float(ratio) + t4 * se), rel=1e-9)
+    assert ratio_interval(RatioSums(2, 1, 1, 1, 1, 1), Z) is None  # too few batches for an interval
     # coverage for per-image pixel accuracy: units of 16 correlated pixels
     g = torch.Generator().manual_seed(1)
     covered, trials = 0, 400
@@ -90,6 +94,31 @@ def test_ratio_interval_matches_a_hand_computation_and_covers():
         low, high = ratio_interval(s, Z)
         covered += low <= 0.15 - (0.05 + 0.1 * 0.6) <= high
     assert covered / trials >= 0.9
+
+
+@pytest.mark.parametrize("dof, expected", [(1, 12.706204736174698), (2, 4.302652729749464),
+                                           (7, 2.3646242515927844), (120, 1.9799304050824413),
+                                           (1000, 1.9623390808264074)])
+def test_t_quantile_matches_tables(dof, expected):
+    assert t_quantile(Z, dof) == pytest.approx(expected, rel=1e-6)
+
+
+def test_relative_loss_interval_covers_when_a_batch_shares_its_errors():
+    """Train-mode outputs of one batch share its batch statistics, so their loss differences move
+    together: an interval that treated samples as independent would be far too narrow."""
+    g = torch.Generator().manual_seed(4)
+    covered, trials, batches, size, truth = 0, 400, 12, 32, 0.2
+    for _ in range(trials):
+        meter = OutcomeMeter(Task.REGRESSION, torch.device("cpu"))
+        for _b in range(batches):
+            shared = torch.randn((), generator=g).double() * 0.3     # this batch's statistics' error
+            train = 1.0 + torch.rand(size, generator=g).double()
+            evaluation = train * (1 + truth + shared) + torch.randn(size, generator=g).double() * 0.05
+            meter.add_pair(SampleScores(evaluation, size, None, 0), SampleScores(train, size, None, 0),
+                           torch.zeros(size, 1), torch.zeros(size, 1))
+        low, high = relative_loss_interval(meter.partial(), Z)
+        covered += low <= truth <= high
+    assert covered / trials >= 0.92
 
 
 def test_sequential_z_spends_the_error_rate_over_looks():
@@ -141,3 +170,19 @@ def test_every_report_carries_the_gap_interval(trained_net, many_images):
     assert unlabelled.gate.metric == "disagreement" and unlabelled.gap.accuracy_ci is None
     low, high = unlabelled.gate.interval
     assert 0.0 <= low <= unlabelled.gate.value <= high <= 1.0
+
+
+def test_a_gap_equal_to_the_threshold_passes_despite_rounding():
+    from bncheck.gating import gate_of
+    from bncheck.outcomes import Outcomes
+
+    # 20 of 20 right in train mode, 19 of 20 in eval mode: 1.0 - 0.95 is 0.050000000000000044 in floats
+    sums = {"eval.samples": 20, "eval.correct": 19, "eval.scored": 20,
+            "train.samples": 20, "train.correct": 20, "train.scored": 20,
+            "acc.n": 20, "acc.t": 20, "acc.e": 19, "acc.te": 19}
+    outcomes = Outcomes(sums, batches=1)
+    assert 1.0 - 0.95 > 0.05
+    gate = gate_of(Task.CLASSIFICATION, outcomes, 0.05)
+    assert gate.passed and gate.value == pytest.approx(0.05)
+    assert not gate_of(Task.CLASSIFICATION, outcomes, 0.0499).passed
+    assert settles((0.02, 0.05 + 1e-15), 0.05) is False  # wholly at or below the threshold
