@@ -50,12 +50,21 @@ class BatchPlan:
             if index % size == rank:
                 yield index, batch
 
+    def fingerprint(self) -> tuple:
+        """What every process of a distributed run must agree on to share one data set: the plan's
+        shape and, for a dataset, the sum of its first sample."""
+        describe = getattr(self.batches, "fingerprint", None)
+        if describe is not None:
+            return (self.batch_size, self.num_batches) + describe()
+        length = len(self.batches.data) if hasattr(getattr(self.batches, "data", None), "__len__") else None
+        return (self.batch_size, self.num_batches, length)
+
     def shard_length(self, rank: int = 0, size: int = 1, limit: int | None = None) -> int | None:
         total = self.num_batches if limit is None or self.num_batches is None else min(limit, self.num_batches)
         return None if total is None else len(range(rank, total, size))
 
 
-def _is_map_style(data: Any) -> bool:
+def is_map_style(data: Any) -> bool:
     return (
         not isinstance(data, IterableDataset)
         and hasattr(data, "__getitem__")
@@ -111,7 +120,7 @@ def plan_batches(
     data = as_dataset(data)
     loader = data if isinstance(data, DataLoader) else None
     dataset = loader.dataset if loader is not None else data
-    if _is_map_style(dataset) and (loader is None or (loader.batch_size is not None and _default_sampler(loader))):
+    if is_map_style(dataset) and (loader is None or (loader.batch_size is not None and _default_sampler(loader))):
         return _reshuffled_plan(dataset, loader, batch_size, seed, max_batches, max_samples, pin_memory)
     if not hasattr(data, "__iter__"):
         raise DataError(f"data of type {type(data).__name__} is not iterable; return a DataLoader or a Dataset")
@@ -185,6 +194,9 @@ class _SeededBatches:
     def __iter__(self):
         return (batch for _index, batch in self.shard())
 
+    def fingerprint(self) -> tuple:
+        return (len(self.dataset), _first_sample_sum(self.dataset))
+
     def shard(self, rank: int = 0, size: int = 1, limit: int | None = None):
         """Only this rank's batches are loaded."""
         chunks = self._chunks()[:limit]
@@ -197,6 +209,17 @@ class _SeededBatches:
             return
         loader = DataLoader(self.dataset, batch_sampler=[chunks[i] for i in mine], **self.loader_kwargs)
         yield from zip(mine, loader)
+
+
+def _first_sample_sum(dataset) -> float | None:
+    """The sum of sample 0, read twice: None where loading it is random (augmentation) or fails
+    (the pass reports that)."""
+    try:
+        sums = [sum(float(t.double().sum()) for t in iter_tensors(dataset[0]) if t.is_floating_point())
+                for _ in range(2)]
+    except Exception:
+        return None
+    return sums[0] if sums[0] == sums[1] else None
 
 
 def _direct_batches(dataset, loader_kwargs: dict):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .arguments import check_integer, check_seed
 from .batches import BatchPlan, plan_batches
 from .distributed import DEFAULT_TIMEOUT_S, World, current_world
-from .errors import InputError, NoNormLayersError
+from .errors import DataError, InputError, NoNormLayersError
 from .frameworks import ModelAdapter, NormLayer, adapter_for
 
 AMP_DTYPES = ("bf16", "fp16")
@@ -109,7 +109,21 @@ def resolve_run(model: Any, data: Any, options: RunOptions, *, world: World | No
     if data is not None:
         plan = plan_batches(data, batch_size=options.batch_size, seed=options.seed, max_batches=options.max_batches,
                             max_samples=options.max_samples, pin_memory=device.type == "cuda")
+        require_same_data(world, plan)
     return Run(adapter, layers, device, plan, options.scoring, world, amp, options.channels_last)
+
+
+def require_same_data(world: World, plan: BatchPlan) -> None:
+    """Every process shards one plan; processes given different data (each its own split, a
+    DistributedSampler's shard) would be mixed into one wrong result."""
+    if world.size < 2:
+        return
+    prints = world.exchange(plan.fingerprint())
+    if any(p != prints[0] for p in prints):
+        raise DataError(f"the {world.size} processes were given different data (batch size, batches, samples, "
+                        "first sample: " + " vs ".join(map(str, dict.fromkeys(map(str, prints)))) +
+                        "); give every process the whole data set, or pass distributed=False to diagnose "
+                        "each process's own data alone")
 
 
 def _amp_dtype(amp: str | None, adapter: ModelAdapter):

@@ -270,3 +270,38 @@ def test_library_call_inside_a_users_process_group(workdir, skew):
         assert ("rank-stats-differ" in report["findings"]) is skew
     if skew:
         assert reports[0]["findings"]["rank-stats-differ"] == ["bn1"]
+
+
+OWN_DATA_SCRIPT = '''
+import os, sys
+import torch, torch.distributed as dist
+from torch.utils.data import Subset
+sys.path.insert(0, os.getcwd())
+import model
+import bncheck
+from bncheck.errors import DataError
+
+dist.init_process_group("gloo")
+net = model.build_model()
+net.load_state_dict(torch.load("ck.pt"))
+rank = dist.get_rank()
+own = Subset(model.samples(), list(range(rank * 85, rank * 85 + 85)))   # each rank its own half
+try:
+    bncheck.diagnose(net, own, device="cpu")
+    print("diagnosed")
+except DataError as error:
+    print("refused:", error)
+print("alone:", bncheck.diagnose(net, own, device="cpu", distributed=False).data.num_samples)
+dist.destroy_process_group()
+'''
+
+
+def test_processes_given_different_data_are_refused_not_mixed(workdir):
+    (workdir / "own_data.py").write_text(OWN_DATA_SCRIPT)
+    results = launch([sys.executable, "own_data.py"], workdir)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    for _, out, _ in results:
+        lines = out.splitlines()
+        assert lines[0].startswith("refused: the 2 processes were given different data"), out
+        assert "distributed=False" in lines[0]
+        assert lines[1] == "alone: 85"
