@@ -119,8 +119,8 @@ def _recalibrate(run: Run, chosen: list[NormLayer], kept, val_data, evaluate: bo
     modes = (ForwardMode.EVAL, ForwardMode.NORM_TRAIN) if evaluate else (ForwardMode.NORM_TRAIN,)
     # Kept layers normalise with their running statistics, as they will in eval mode, so the
     # layers after them see the inputs they will see then.
-    measured = run_pass(run, PassSpec(modes, batch_stats=names, scored=(ForwardMode.EVAL,)), progress)
     val_run = dataclasses.replace(run, plan=_val_plan(run, val_data)) if evaluate and val_data is not None else None
+    measured = run_pass(run, PassSpec(modes, batch_stats=names, scored=(ForwardMode.EVAL,)), progress)
     val_before = _evaluate(val_run) if val_run else None
     for layer in chosen:
         stats = measured.layer_stats.get(layer.name)
@@ -137,11 +137,18 @@ def _recalibrate(run: Run, chosen: list[NormLayer], kept, val_data, evaluate: bo
 
 
 def _val_plan(run: Run, val_data):
-    from .batches import plan_batches
+    """The val data's own batches (a DataLoader's, a list's); a bare dataset gets the plan's batch size.
+    It is evaluated before and after, so it must be iterable twice."""
+    from torch.utils.data import DataLoader
+
+    from .batches import as_dataset, is_map_style, plan_batches
 
     plan = run.plan
-    return plan_batches(val_data, batch_size=plan.batch_size if plan.reshuffled else None, seed=plan.seed,
-                        pin_memory=run.device.type == "cuda")
+    bare_dataset = not isinstance(val_data, DataLoader) and is_map_style(as_dataset(val_data))
+    val_plan = plan_batches(val_data, batch_size=plan.batch_size if bare_dataset and plan.reshuffled else None,
+                            seed=plan.seed, pin_memory=run.device.type == "cuda")
+    val_plan.require_reiterable("recalibrate's --val-data evaluation (before and after)")
+    return val_plan
 
 
 def _evaluate(run: Run) -> ModeMetrics:

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import bncheck
-from bncheck.errors import InputError, NoNormLayersError
+from bncheck.errors import DataError, InputError, NoNormLayersError
 from bncheck.frameworks.torch_adapter import TorchModelAdapter
 from bncheck.recalibration import RecalibrationResult, save_recalibrated
 from conftest import (
@@ -182,6 +182,35 @@ def test_val_data_is_evaluated_before_and_after(broken_convnet, images):
     assert (data.data, val_comparison.data) == ("data", "val-data")
     assert val_comparison.after.accuracy > val_comparison.before.accuracy
     assert val_comparison.after.loss < val_comparison.before.loss
+
+
+def _val_accuracy(model, batches) -> float:
+    model.eval()
+    with torch.no_grad():
+        right = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    return right / sum(len(y) for _, y in batches)
+
+
+@pytest.mark.parametrize("form", ["list of batches", "loader with its own sampler"])
+def test_val_data_in_its_own_batches_is_evaluated_as_given(broken_convnet, images, form):
+    x, y = image_data(n=64, sample_seed=1)
+    batches = as_batches(x, y, 16)
+    val = batches if form == "list of batches" else torch.utils.data.DataLoader(
+        TensorDataset(x, y), batch_size=16, sampler=list(range(64)))
+    before = _val_accuracy(broken_convnet, batches)
+    result, fixed = recalibrate(broken_convnet, images, val_data=val, batch_size=32, return_model=True)
+    comparison = result.evaluations[1]
+    assert comparison.before.accuracy == pytest.approx(before)
+    assert comparison.after.accuracy == pytest.approx(_val_accuracy(fixed, batches))
+    assert comparison.before.num_samples == comparison.after.num_samples == 64
+
+
+def test_one_shot_val_data_is_refused_before_any_work(broken_convnet, images):
+    x, y = image_data(n=64, sample_seed=1)
+    state = state_copy(broken_convnet)
+    with pytest.raises(DataError, match="val-data.*one-shot generator"):
+        recalibrate(broken_convnet, images, val_data=(b for b in as_batches(x, y, 16)), inplace=True)
+    assert_state_equal(broken_convnet, state)
 
 
 def test_recalibrating_a_model_without_norm_layers_is_refused(blobs):
