@@ -12,7 +12,10 @@ the model's own running statistics never move. A BatchNorm layer then runs with 
 its kernel leaves each batch's mean and unbiased variance in those buffers, where a forward hook
 reads them (fvcore's PreciseBN does the same); where the kernel is not exact enough (half
 precision buffers, channels-last input on the CPU, whose kernel sums in float32) or does not
-compute the statistics, the hook reads the input itself in float64.
+compute the statistics, the hook reads the input itself in float64. So it does for subclasses
+with a forward of their own (a fixed momentum, split batches), whose buffers may not hold the batch's
+statistics, and for a layer whose input mean is far from zero against its spread, where the
+float32 buffer's rounding of the mean would show against the spread.
 """
 from __future__ import annotations
 
@@ -25,6 +28,16 @@ from .base import NormLayer, StatsRecorder
 
 _RUNNING = ("running_mean", "running_var")
 _EXACT_BUFFER_DTYPES = (torch.float32, torch.float64)
+# Forwards known to pass the module's momentum and buffers to F.batch_norm unchanged.
+_KERNEL_FORWARDS = frozenset({
+    "torch.nn.modules.batchnorm:_BatchNorm.forward",
+    "torch.nn.modules.batchnorm:SyncBatchNorm.forward",
+    "timm.layers.norm_act:BatchNormAct2d.forward",
+    "timm.layers.norm_act:SyncBatchNormAct.forward",
+})
+# Above this |mean| / std the float32 buffer's rounding of the mean (6e-8 of |mean|) exceeds
+# 1e-6 of the spread: such layers are read from their input instead.
+_MAX_KERNEL_MEAN_RATIO = 10.0
 
 
 def _registered(module: nn.Module, name: str) -> bool:
@@ -167,8 +180,10 @@ class BatchNormLayer(TorchLayer):
     @property
     def reads_kernel_stats(self) -> bool:
         buffer = self.module._buffers.get("running_var")
+        forward = type(self.module).forward
         return (self.tracks_running_stats and not self.per_instance and isinstance(buffer, torch.Tensor)
-                and buffer.dtype in _EXACT_BUFFER_DTYPES)
+                and buffer.dtype in _EXACT_BUFFER_DTYPES
+                and f"{forward.__module__}:{forward.__qualname__}" in _KERNEL_FORWARDS)
 
     def num_batches_tracked(self) -> int | None:
         if self.per_instance:
@@ -182,15 +197,19 @@ class BatchNormLayer(TorchLayer):
     def add_stats_hook(self, recorder: StatsRecorder):
         if not self.reads_kernel_stats:
             return super().add_stats_hook(recorder)
+        checked = []  # the first batch decides whether the kernel's statistics are precise enough
 
         def post_hook(module, args, kwargs, _output):
             x = args[0] if args else kwargs.get("input")
             if not recorder.active or not isinstance(x, torch.Tensor):
                 return
             if module.training and _kernel_is_exact(x):
-                recorder.record_batch_stats(x.numel() // x.shape[1], module.running_mean, module.running_var)
-            else:
-                recorder.record_input(x)
+                if not checked:
+                    checked.append(_mean_is_moderate(module.running_mean, module.running_var))
+                if checked[0]:
+                    recorder.record_batch_stats(x.numel() // x.shape[1], module.running_mean, module.running_var)
+                    return
+            recorder.record_input(x)
 
         return self.module.register_forward_hook(post_hook, with_kwargs=True)
 
@@ -210,6 +229,11 @@ def _kernel_is_exact(x: torch.Tensor) -> bool:
     """The CPU kernel sums contiguous inputs in float64 but channels-last ones in float32;
     the CUDA kernels use float32 Welford reductions (about 1e-7 relative)."""
     return x.device.type == "cuda" or (x.device.type == "cpu" and x.is_contiguous())
+
+
+def _mean_is_moderate(mean: torch.Tensor, unbiased_var: torch.Tensor) -> bool:
+    ratio = mean.double().abs() / unbiased_var.double().clamp_min(1e-30).sqrt()
+    return bool((ratio <= _MAX_KERNEL_MEAN_RATIO).all())
 
 
 class FrozenNormLayer(TorchLayer):
