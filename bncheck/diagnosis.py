@@ -7,7 +7,7 @@ from typing import Any, Callable
 from .arguments import check_max_gap
 from .averaging import averaging_hints as model_averaging_hints
 from .distributed import World, current_world
-from .engine import TRAIN_ON_DROPOUT_BATCHES, WITH_DROPOUT, PassResult, PassSpec, run_pass
+from .engine import TRAIN_ON_DROPOUT_BATCHES, WITH_DROPOUT, PassResult, PassSpec, caller_rng_kept, run_pass
 from .errors import InputError
 from .findings import Evidence, find_causes
 from .frameworks import ForwardMode
@@ -57,7 +57,7 @@ def diagnose(
     world = world or (current_world(options.dist_timeout) if options.distributed else World())
     with world.failing_together():
         run = resolve_run(model, data, options, world=world)
-        with rank_zero_statistics(run) as rank_spread:
+        with caller_rng_kept(run), rank_zero_statistics(run) as rank_spread:
             result = run_pass(run, _pass_spec(run, max_gap, quick, dropout_batches), progress)
             dependence = _eval_batch_dependence(run)
             layers = _layer_reports(run, result, missing_update_counts)

@@ -89,14 +89,6 @@ class World:
                     self._all_gather(_Envelope(error=message, input_error=isinstance(error, BncheckError)))
             raise
 
-    def solo_group(self) -> Any:
-        """A group of this rank alone, for layers that must not synchronise (SyncBatchNorm); every rank
-        creates every such group, in the same order, as torch.distributed requires."""
-        import torch.distributed as dist
-
-        groups = [dist.new_group([rank], backend="gloo") for rank in range(self.size)]
-        return groups[self.rank]
-
 
 def current_world(timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     """The running process group as a World, or a single process when there is none."""

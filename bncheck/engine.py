@@ -108,10 +108,11 @@ class Session:
         snapshot = adapter.snapshot()
         stack.callback(adapter.restore, snapshot)
         try:
+            stack.enter_context(caller_rng_kept(self.run))
             adapter.move_to(self.run.device, channels_last=self.run.channels_last)
             for layer, recorder in zip(self.run.layers, self.recorders):
                 stack.callback(layer.add_stats_hook(recorder).remove)
-            _isolate_sync_batchnorm(self.run, stack)
+            _local_sync_batchnorm(self.run, stack)
             stack.enter_context(adapter.no_grad())
         except BaseException:
             stack.close()
@@ -127,8 +128,10 @@ class Session:
         run.adapter.set_mode(mode, batch_stats=self.batch_stats)
         for recorder in self.recorders:
             recorder.activate(mode, *also_record)
+        if mode is ForwardMode.FULL_TRAIN:
+            _seed_dropout(run, index)
         try:
-            with _dropout_rng(mode, run, index), run.adapter.autocast(run.device, run.amp_dtype):
+            with run.adapter.forward_guard(mode), run.adapter.autocast(run.device, run.amp_dtype):
                 raw = _forward(run.adapter, inputs, index)
         finally:
             for recorder in self.recorders:
@@ -138,34 +141,37 @@ class Session:
                              output_key=scoring.output_key)
 
 
-def _dropout_rng(mode: ForwardMode, run: Run, index: int):
-    """Dropout masks seeded by the plan's seed and the batch, so they do not depend on how batches are
-    shared between processes; the caller's random state is put back afterwards."""
-    if mode is not ForwardMode.FULL_TRAIN or run.framework != "torch":
+def caller_rng_kept(run: Run):
+    """The passes may draw random numbers (dropout, the user's forward): the caller's generators are
+    put back afterwards, so a diagnosis inside a training loop does not change what follows."""
+    if run.framework != "torch":
         return contextlib.nullcontext()
-    devices = [run.device] if run.device.type == "cuda" else []
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=devices))
+    return torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else [])
+
+
+def _seed_dropout(run: Run, index: int) -> None:
+    """Dropout masks seeded by the plan's seed and the batch, so they do not depend on how batches
+    are shared between processes."""
+    if run.framework != "torch":
+        return
     seed = (run.plan.seed * 1_000_003 + index) % 2**63
     torch.random.default_generator.manual_seed(seed)
-    if devices:
+    if run.device.type == "cuda":
         with torch.cuda.device(run.device):
             torch.cuda.manual_seed(seed)
-    return stack
 
 
-def _isolate_sync_batchnorm(run: Run, stack: contextlib.ExitStack) -> None:
-    """SyncBatchNorm would pool batch statistics across the processes, each holding another batch:
-    give each process a group of its own for the passes, so batches stay whole as in one process."""
-    if run.world.size < 2:
-        return
-    modules = [layer.module for layer in run.layers if type(layer.module).__name__ == "SyncBatchNorm"]
-    if not modules:
-        return
-    solo = run.world.solo_group()
-    for module in modules:
-        stack.callback(setattr, module, "process_group", module.process_group)
-        module.process_group = solo
+def _local_sync_batchnorm(run: Run, stack: contextlib.ExitStack) -> None:
+    """SyncBatchNorm would pool batch statistics across the processes, each holding another batch,
+    and refuses CPU inputs under any process group: for the passes it runs as a plain BatchNorm,
+    so batches stay whole as in one process."""
+    from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
+
+    for layer in run.layers:
+        module = getattr(layer, "module", None)
+        if isinstance(module, SyncBatchNorm) and "forward" not in module.__dict__:
+            module.forward = _BatchNorm.forward.__get__(module)
+            stack.callback(module.__dict__.pop, "forward", None)
 
 
 class DeferredChecks:
@@ -207,6 +213,9 @@ class LocalPass:
         self.task: Task | None = None
         self.meter: OutcomeMeter | None = None
         self.batches = 0
+        # The first batch goes in as a copy to every forward, to find a forward that changes its input.
+        self.copy_inputs: bool | None = None
+        self.mutated_inputs = False
 
     def session(self) -> Session:
         return Session(self.run, self.recorders, self.spec.batch_stats)
@@ -224,14 +233,7 @@ class LocalPass:
         targets = _as_tensor(targets, index)
         self.checks.nonfinite(inputs, f"inputs of batch {index}")
         self.checks.nonfinite(targets, f"targets of batch {index}")
-        outputs = {}
-        modes = self.modes_for(index)
-        for mode in modes:
-            also = (TRAIN_ON_DROPOUT_BATCHES,) if mode is ForwardMode.NORM_TRAIN and ForwardMode.FULL_TRAIN in modes \
-                else ()
-            outputs[mode] = session.forward(mode, inputs, index, *also)
-            if mode is not ForwardMode.EVAL:  # NaN eval outputs are measured (corrupt stats), not refused
-                self.checks.nonfinite(outputs[mode], f"{mode.value}-mode outputs of batch {index}")
+        outputs = self._forward_modes(session, inputs, index)
         if isinstance(targets, torch.Tensor):
             targets = targets.to(next(iter(outputs.values())).device, non_blocking=True)
         if self.task is None:
@@ -242,6 +244,23 @@ class LocalPass:
         self.meter.end_batch(size)
         self.batches += 1
         self.checks.maybe_flush(self.batches)
+
+    def _forward_modes(self, session: Session, inputs: Any, index: int) -> dict:
+        modes, outputs = self.modes_for(index), {}
+        for position, mode in enumerate(modes):
+            also = (TRAIN_ON_DROPOUT_BATCHES,) if mode is ForwardMode.NORM_TRAIN and ForwardMode.FULL_TRAIN in modes \
+                else ()
+            given = _copy_tensors(inputs) if self.copy_inputs is not False else inputs
+            output = session.forward(mode, given, index, *also)
+            if self.copy_inputs is None:
+                self.mutated_inputs |= any(t._version for t in iter_tensors(given))
+            # A model may write every output into one buffer: keep each mode's own.
+            outputs[mode] = output.clone() if position < len(modes) - 1 else output
+            if mode is not ForwardMode.EVAL:  # NaN eval outputs are measured (corrupt stats), not refused
+                self.checks.nonfinite(output, f"{mode.value}-mode outputs of batch {index}")
+        if self.copy_inputs is None:
+            self.copy_inputs = self.mutated_inputs  # every mode must see the batch as loaded
+        return outputs
 
     def _score(self, outputs: dict, targets: Any, size: int, index: int) -> None:
         meter = self.meter
@@ -352,13 +371,13 @@ def _loading(batches):
             return
         except BncheckError:
             raise
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # sys.exit in a dataset is a failure to load, too
             raise _load_failure(count, error) from error
         count += 1
         yield item
 
 
-def _load_failure(index: int, error: Exception) -> DataError:
+def _load_failure(index: int, error: BaseException) -> DataError:
     """A hint that fits the failure: a collate shape mismatch, a file that cannot be read, or user code."""
     text = summarize(error)
     if isinstance(error, OSError) or type(error).__name__ == "DecompressionBombError":  # PIL's errors too
@@ -373,7 +392,7 @@ def _load_failure(index: int, error: Exception) -> DataError:
 def _forward(adapter, inputs: Any, index: int) -> Any:
     try:
         return adapter.forward(inputs)
-    except Exception as error:  # any failure inside user code is an input problem, not a crash
+    except (Exception, SystemExit) as error:  # any failure inside user code is an input problem, not a crash
         first_line = summarize(error)
         shapes = [tuple(t.shape) for t in iter_tensors(inputs)]
         shape_text = shapes[0] if len(shapes) == 1 else shapes
@@ -390,6 +409,16 @@ def _infer_task(outputs: torch.Tensor, targets: Any, loss_fn) -> Task:
     except Exception as error:
         raise DataError(f"cannot score outputs {tuple(outputs.shape)} against targets of type "
                         f"{type(targets).__name__}: {error}; yield targets as a tensor") from error
+
+
+def _copy_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copy_tensors(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy_tensors(v) for v in value)
+    return value
 
 
 def _as_tensor(targets: Any, index: int) -> Any:
@@ -412,7 +441,7 @@ def _score(task: Task, outputs: torch.Tensor, targets: Any, loss_fn, index: int)
         return score_samples(task, outputs, targets, loss_fn)
     except ShapeMismatchError:
         raise
-    except Exception as error:
+    except (Exception, SystemExit) as error:
         if loss_fn is not None:
             raise ForwardError(f"loss_fn raised on batch {index}: {type(error).__name__}: {error}") from error
         raise ShapeMismatchError(

@@ -60,6 +60,8 @@ class BatchNormCheckFailed(BncheckError):
 
 def summarize(error: BaseException, limit: int = 300) -> str:
     """An exception from torch, Keras or user code as one short line: its message lines joined."""
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})"
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     if len(text) > limit:
         cut = text[: limit - 3]

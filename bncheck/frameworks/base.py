@@ -170,6 +170,12 @@ class ModelAdapter(ABC):
     def output_to_tensor(self, output: Any) -> Any:
         return output
 
+    def forward_guard(self, mode: ForwardMode):
+        """A context around each forward in ``mode`` (PyTorch: functional dropout off in NORM_TRAIN)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def no_grad(self):
         return torch.no_grad()
 

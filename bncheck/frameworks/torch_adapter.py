@@ -7,6 +7,7 @@ batch statistics. NORM_TRAIN is that mode with dropout and stochastic depth back
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..errors import InputError
 from .base import ForwardMode, ModelAdapter, NormLayer
+from .functional_dropout import FunctionalDropoutGuard
 from .torch_layers import TorchLayer, make_layer
 
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -23,7 +25,11 @@ _DROPOUT_NAME_PARTS = ("Dropout", "DropPath", "StochasticDepth", "DropBlock")
 
 
 def is_dropout_like(module: nn.Module) -> bool:
-    return isinstance(module, _DROPOUT_TYPES) or any(p in type(module).__name__ for p in _DROPOUT_NAME_PARTS)
+    """torch.nn's dropouts, and leaf modules named like one (a block named "...DropPath" that holds
+    layers is no dropout: turning its flag off would change more than its dropout)."""
+    if isinstance(module, _DROPOUT_TYPES):
+        return True
+    return not any(True for _ in module.children()) and any(p in type(module).__name__ for p in _DROPOUT_NAME_PARTS)
 
 
 def _drop_rate(module: nn.Module) -> float:
@@ -73,10 +79,14 @@ class TorchModelAdapter(ModelAdapter):
             if layer.batch_stats_in_train:  # FrozenBatchNorm never does
                 layer.batch_stats_in_train = trains[layer.module] or not layer.tracks_running_stats
         self._dropouts = [m for m, flag in trains.items() if flag and is_dropout_like(m) and _drop_rate(m) > 0]
+        self._functional_dropout: bool | None = None  # unknown until the first train-mode forward
 
     def _mode_flags(self) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
-        """What the user's own model.train() and model.eval() do to every module's flag."""
+        """What the user's own model.train() and model.eval() do to every module's flag; whatever else
+        they change on parameters (``requires_grad``) is put back."""
         before = [m.training for m in self._modules]
+        grads = [(p, p.requires_grad) for p in self.model.parameters()
+                 if not isinstance(p, nn.parameter.UninitializedParameter)]
         try:
             self.model.train()
             train = tuple(m.training for m in self._modules)
@@ -87,6 +97,8 @@ class TorchModelAdapter(ModelAdapter):
         finally:
             for module, flag in zip(self._modules, before):
                 module.training = flag
+            for parameter, flag in grads:
+                parameter.requires_grad_(flag)
         return train, evaluation
 
     def norm_layers(self) -> list[NormLayer]:
@@ -142,6 +154,19 @@ class TorchModelAdapter(ModelAdapter):
             training = layer.batch_stats_in_train if batch_stats is None else layer.name in batch_stats
             layer.module.training = training
             layer.use_scratch() if training else layer.use_live()
+
+    @contextlib.contextmanager
+    def forward_guard(self, mode: ForwardMode):
+        """Dropout called as a function off in NORM_TRAIN: watched on the first such forward, then
+        kept off only where it was found (the guard costs a little on every torch call)."""
+        if mode is not ForwardMode.NORM_TRAIN or self._functional_dropout is False:
+            yield
+            return
+        guard = FunctionalDropoutGuard()
+        with guard:
+            yield
+        if self._functional_dropout is None:
+            self._functional_dropout = guard.seen
 
     def save(self, path) -> None:
         """A state_dict: safetensors for ``.safetensors`` paths, else ``torch.save``."""
