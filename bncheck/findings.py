@@ -368,11 +368,18 @@ def preprocessing_shift(ev: Evidence, exclude: set[str]) -> list[Finding]:
                f"while every later layer fits (drift at most {later_drift:.2g}). The data is almost certainly "
                "preprocessed differently from training: Normalize(mean, std) missing or different, pixels in "
                "0–255 vs 0–1, RGB vs BGR channel order, or a different resize." + _scale_hint(std_ratio))
-    fix = ("Feed the data exactly as in training (the same Normalize mean/std, value range, channel order and "
-           "resize). If this is the data the model will see, recompute the statistics on it: "
-           + ("`bncheck recalibrate model.keras -o fixed.keras`." if _keras(ev) else
-              "`bncheck recalibrate MODEL -o fixed.pt`."))
-    return [Finding("preprocessing-shift", Severity.ERROR if ev.gap_failed else Severity.WARNING, (first.name,),
+    fix = "Feed the data exactly as in training (the same Normalize mean/std, value range, channel order and resize). "
+    if first.batch_stats_in_train:
+        fix += "If this is the data the model will see, recompute the statistics on it: " + (
+            "`bncheck recalibrate model.keras -o fixed.keras`." if _keras(ev) else "`bncheck recalibrate MODEL -o fixed.pt`.")
+        severity = Severity.WARNING
+    else:
+        # Training used these statistics too: recomputing them alone would change what the later layers learned on.
+        fix += ("If this is the data the model will see, the layers after it were trained on top of these "
+                "statistics: recompute them with `bncheck recalibrate MODEL --include-frozen -o fixed.pt` only if "
+                "you fine-tune again afterwards.")
+        severity = Severity.INFO
+    return [Finding("preprocessing-shift", Severity.ERROR if ev.gap_failed else severity, (first.name,),
                     evidence, message, fix)]
 
 

@@ -120,6 +120,10 @@ def test_recalibration_keeps_layers_that_stay_in_eval_in_training(tmp_path):
     assert report["verdict"] == "pass" and code == EXIT_PASS
     kept_in_train = [l["name"] for l in report["layers"] if not l["batch_stats_in_train"]]
     assert sorted(kept_in_train) == ["backbone.1", "backbone.4"]
+    # domain B is not the backbone's domain: said, as information, with a fix that does not break the model
+    shift = next(f for f in report["findings"] if f["code"] == "preprocessing-shift")
+    assert shift["severity"] == "info" and shift["layers"] == ["backbone.1"]
+    assert "--include-frozen" in shift["fix"] and "fine-tune again" in shift["fix"]
     fixed = tmp_path / "fixed.pt"
     code, summary = cli_json("recalibrate", model_file("eval_kept_backbone"), "-o", str(fixed))
     assert code == EXIT_PASS and summary["updated_layers"] == ["head.1"]
