@@ -192,8 +192,14 @@ def _render_options(all_layers, top, per_channel=False, to_file=False) -> Render
     import shutil
 
     tty = not to_file and sys.stdout.isatty()
-    width = shutil.get_terminal_size((120, 40)).columns if tty else 120
+    # A pipe or a file has no width: COLUMNS when set, else 120.
+    width = shutil.get_terminal_size((120, 40)).columns if tty else _columns_from_environment(120)
     return RenderOptions(all_layers=all_layers, top=top, per_channel=per_channel, color=tty, width=width)
+
+
+def _columns_from_environment(default: int) -> int:
+    value = os.environ.get("COLUMNS", "")
+    return int(value) if value.isdigit() and 40 <= int(value) <= 1000 else default
 
 
 def _emit(text: str, target) -> None:
@@ -336,7 +342,7 @@ def main():
 @output_options
 @run_options
 @click.option("--max-samples", type=click.IntRange(min=2), help="Use at most N samples (seeded uniform subset).")
-@click.option("--max-gap", type=click.FloatRange(min=0), envvar="BNCHECK_MAX_GAP", callback=_check_not_nan,
+@click.option("--max-gap", type=click.FloatRange(min=0, max=1), envvar="BNCHECK_MAX_GAP", callback=_check_not_nan,
               help="Largest train-minus-eval accuracy gap that passes, as a fraction [default: 0.05]; "
                    "for tasks without accuracy, the relative loss gap [default: 0.10].")
 @click.option("--quick", is_flag=True, envvar="BNCHECK_QUICK",

@@ -254,8 +254,12 @@ def _torch_not_converged_text(sample: LayerReport, measured: float | None) -> tu
                  else " (a cumulative average); by the update counter alone, `bncheck diagnose` measures them.")
         return text, ("Average over more batches: `bncheck recalibrate MODEL -o fixed.pt` (every sample), "
                       "or torch.optim.swa_utils.update_bn over a whole epoch.")
-    fix = ("Use the default momentum: `nn.BatchNorm2d(C, momentum=0.1)` (PyTorch 0.01 equals Keras 0.99), "
-           "train for more steps, or recompute exact statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
+    if sample.momentum is not None and sample.momentum < 0.1:
+        fix = ("Use the default momentum: `nn.BatchNorm2d(C, momentum=0.1)` (PyTorch 0.01 equals Keras 0.99), "
+               "train for more steps, or recompute exact statistics: `bncheck recalibrate MODEL -o fixed.pt`.")
+    else:  # the momentum is fine: training has simply not run long enough yet
+        fix = (f"Train for more steps (with momentum {sample.momentum} the initial values weigh under 1% after 50 "
+               "updates), or recompute exact statistics now: `bncheck recalibrate MODEL -o fixed.pt`.")
     if measured is not None:
         return (f"The running statistics are still about {measured:.0%} at their initial 0/1 values, measured "
                 f"against the data's statistics: {n} updates with momentum {sample.momentum} leave "

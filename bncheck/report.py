@@ -10,6 +10,9 @@ class Verdict(str, enum.Enum):
     PASS = "pass"
     FAIL = "fail"
 
+    def __str__(self) -> str:
+        return self.value  # print(report.verdict) shows "fail", as the JSON does
+
 
 class Severity(str, enum.Enum):
     ERROR = "error"

@@ -283,7 +283,7 @@ def test_max_gap_nan_is_a_usage_error(how, tmp_path):
 
 
 def test_max_gap_nan_is_an_input_error_in_the_library():
-    with pytest.raises(bncheck.InputError, match="max_gap must be a number >= 0"):
+    with pytest.raises(bncheck.InputError, match="max_gap must be a fraction from 0 to 1"):
         bncheck.diagnose(mlp(), data(), max_gap=math.nan, device="cpu")
 
 

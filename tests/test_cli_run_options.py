@@ -112,3 +112,25 @@ def test_the_test_suite_gate_takes_quick():
     inject_drift(model.bn2, 4.0)
     with pytest.raises(AssertionError, match="accuracy gap"):
         assert_bn_consistent(model, data, quick=True)
+
+
+def test_recalibrate_no_eval_says_so_instead_of_an_empty_table(model_files, tmp_path):
+    result = CliRunner().invoke(main, ["recalibrate", model_files[True], "-o", str(tmp_path / "fixed.pt"),
+                                       "--no-eval", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert "not evaluated (--no-eval)" in result.stdout and "before and after" not in result.stdout
+
+
+@pytest.mark.parametrize("value", ["5", "1.5"])
+def test_max_gap_above_one_is_refused_as_points_typed_for_a_fraction(model_files, value):
+    result = CliRunner().invoke(main, ["diagnose", model_files[True], "--max-gap", value, "--device", "cpu"])
+    assert result.exit_code == 2 and "--max-gap" in result.stderr and "1" in result.stderr
+
+
+def test_a_pipe_takes_its_width_from_columns(model_files, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    wide = CliRunner().invoke(main, ["diagnose", model_files[True], "--device", "cpu"]).stdout
+    monkeypatch.setenv("COLUMNS", "100")
+    narrow = CliRunner().invoke(main, ["diagnose", model_files[True], "--device", "cpu"]).stdout
+    assert max(map(len, narrow.splitlines())) <= 100 < max(map(len, wide.splitlines()))
+    assert "batch │" in narrow  # the short columns stay whole: the train column reads "batch", never "batc"

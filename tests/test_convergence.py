@@ -94,6 +94,23 @@ def test_genuinely_unconverged_statistics_are_still_found(trained, images_module
     assert f.severity is Severity.ERROR and f.evidence["judged_by"] == "values"
     assert f.evidence["initial_weight"] == pytest.approx(0.729, abs=0.1)
     assert "measured against the data's statistics" in f.message
+    # momentum 0.1 is already the default: the fix is to train longer, not to change it
+    assert f.fix.startswith("Train for more steps") and "default momentum" not in f.fix
+    assert str(report.verdict) == "fail"  # print(report.verdict) reads as the JSON does
+
+
+def test_a_momentum_below_the_default_is_named_in_the_fix(trained, images_module):
+    x, y = images_module
+    model = copy.deepcopy(trained)
+    for _, bn in norm_modules(model):
+        bn.reset_running_stats()
+        bn.momentum = 0.01
+    model.train()
+    with torch.no_grad():
+        for xb in x[:320].split(32):  # ten updates with momentum 0.01: 90% still on 0/1
+            model(xb)
+    f = codes(bncheck.diagnose(model, (x, y), device="cpu"))["stats-not-converged"]
+    assert "Use the default momentum" in f.fix
 
 
 @pytest.mark.parametrize("how", ["update_bn", "bncheck"])

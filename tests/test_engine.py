@@ -433,7 +433,8 @@ def test_regression_has_no_accuracy_and_a_relative_loss_gate(regression_setup):
     inject_drift(model[4], 3.0)
     broken = diagnose(model, batches)
     assert broken.gate.value > 0.10 and broken.verdict is bncheck.Verdict.FAIL
-    assert diagnose(model, batches, max_gap=broken.gate.value + 1).verdict is bncheck.Verdict.PASS
+    assert broken.gate.value > 1  # eval loss over twice the train-mode loss
+    assert diagnose(model, batches, max_gap=1.0).verdict is bncheck.Verdict.FAIL  # the loosest threshold
 
 
 def test_one_hot_targets_score_like_class_indices(healthy_mlp, blobs):

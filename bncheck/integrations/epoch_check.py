@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..arguments import check_max_gap
 from ..errors import InputError
 from ..report import Report
 
@@ -29,8 +30,7 @@ class EpochCheck:
         """Refuse bad arguments when the callback is built, not epochs later."""
         if max_batches is not None and not _is_int_at_least(max_batches, 1):
             raise InputError(f"max_batches must be a whole number >= 1 (or None for all), got {max_batches!r}")
-        if max_gap is not None and not _is_finite_at_least_zero(max_gap):
-            raise InputError(f"max_gap must be a number >= 0 (a fraction: 0.05 is 5 pts), got {max_gap!r}")
+        check_max_gap(max_gap)
         if not _is_int_at_least(every_n_epochs, 1):
             raise InputError(f"every_n_epochs must be a whole number >= 1, got {every_n_epochs!r}")
         allowed = [choice.value for choice in OnFail]
@@ -45,10 +45,6 @@ class EpochCheck:
 
 def _is_int_at_least(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_finite_at_least_zero(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def diagnose_untouched(model: Any, data: Any, check: EpochCheck, *, device: Any = None, **options: Any) -> Report:

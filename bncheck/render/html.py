@@ -208,7 +208,8 @@ class HtmlRenderer:
         figure = f"<figure>{chart}<figcaption>Eval-mode accuracy before (grey) and after (blue) " \
                  "recalibration, 0 to 100%.</figcaption></figure>" if chart else ""
         body = [_header("bncheck recalibrate", "RECALIBRATED", "done", lines),
-                f"<section><h2>Eval mode before and after</h2>{evaluation_table(result.evaluations)}{figure}</section>",
+                f"<section><h2>Eval mode before and after</h2>{evaluation_table(result.evaluations)}{figure}</section>"
+                if result.evaluations else '<section><p class="muted">Not evaluated (--no-eval).</p></section>',
                 layer_names("Recomputed layers", result.updated_layers, ""),
                 kept_layers(result.kept_layers)]
         return page(f"bncheck recalibrate: {result.layers_updated} layers", "\n".join(b for b in body if b))

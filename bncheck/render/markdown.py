@@ -41,7 +41,7 @@ class MarkdownRenderer:
         shown = shown_layers(report.layers, self.options)
         if shown:
             lines += [f"### Norm layers by drift ({len(shown)} of {len(report.layers)})", "",
-                      "| layer | type | drift | | mean shift max | var ratio max | momentum | batches | in train |",
+                      "| layer | type | drift | | mean shift max | var ratio max | momentum | updates | train |",
                       "|---|---|---:|---|---:|---:|---:|---:|---|"]
             for l in shown:
                 lines.append(f"| `{l.name}` | {l.type} | {num(l.drift, 3)} | `{drift_bar(l.drift, 12)}` | "
@@ -56,7 +56,7 @@ class MarkdownRenderer:
     def inspection(self, report) -> str:
         icon = "✅" if report.passed else "❌"
         lines = [f"## {icon} bncheck inspect: {report.verdict.value.upper()}", "",
-                 "| layer | type | momentum | batches | frozen |", "|---|---|---:|---:|---|"]
+                 "| layer | type | momentum | updates | frozen |", "|---|---|---:|---:|---|"]
         for l in shown_layers(report.layers, self.options):
             lines.append(f"| `{l.name}` | {l.type} | {momentum_text(l)} | "
                          f"{'n/a' if l.num_batches_tracked is None else l.num_batches_tracked} | "
@@ -65,8 +65,11 @@ class MarkdownRenderer:
         return "\n".join(lines) + "\n"
 
     def recalibration(self, result) -> str:
-        lines = [f"## bncheck recalibrate: {result.layers_updated} layers", "",
-                 "| data | loss before | loss after | accuracy before | accuracy after |", "|---|---:|---:|---:|---:|"]
+        lines = [f"## bncheck recalibrate: {result.layers_updated} layers", ""]
+        if result.evaluations:
+            lines += ["| data | loss before | loss after | accuracy before | accuracy after |", "|---|---:|---:|---:|---:|"]
+        else:
+            lines.append("Not evaluated (`--no-eval`).")
         for row in result.evaluations:
             lines.append(f"| {row.data} | {num(row.before.loss)} | {num(row.after.loss)} | "
                          f"{pct(row.before.accuracy)} | {pct(row.after.accuracy)} |")

@@ -79,7 +79,7 @@ class TerminalRenderer:
         table.add_column("layer", overflow="fold", min_width=min(max(len(l.name) for l in shown), 40))
         table.add_column("type", overflow="fold")
         for column in ("drift", "", "shift", "var ratio", "momentum", "updates", "train"):
-            table.add_column(column, justify="left" if column == "" else "right")
+            table.add_column(column, justify="left" if column == "" else "right", no_wrap=True)
         if attribution:
             table.add_column("recovers", justify="right")
         for l in shown:
@@ -130,13 +130,16 @@ class TerminalRenderer:
         console.print(f"bncheck recalibrate: {result.layers_updated} norm layers recomputed from "
                       f"{result.num_samples} samples in {result.num_batches} batch"
                       f"{'' if result.num_batches == 1 else 'es'}")
-        table = Table(title="Eval mode before and after", title_justify="left")
-        for column in ("data", "loss before", "loss after", "accuracy before", "accuracy after"):
-            table.add_column(column, justify="right")
-        for row in result.evaluations:
-            table.add_row(row.data, num(row.before.loss), num(row.after.loss), pct(row.before.accuracy),
-                          pct(row.after.accuracy))
-        console.print(table)
+        if result.evaluations:
+            table = Table(title="Eval mode before and after", title_justify="left")
+            for column in ("data", "loss before", "loss after", "accuracy before", "accuracy after"):
+                table.add_column(column, justify="right")
+            for row in result.evaluations:
+                table.add_row(row.data, num(row.before.loss), num(row.after.loss), pct(row.before.accuracy),
+                              pct(row.after.accuracy))
+            console.print(table)
+        else:
+            console.print("not evaluated (--no-eval)", style="dim")
         for reason, names in kept_by_reason(result.kept_layers).items():
             console.print(f"kept {len(names)} layer{'' if len(names) == 1 else 's'} as they were "
                           f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}): {reason}", style="dim")
