@@ -92,7 +92,10 @@ class OutcomeMeter:
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         current = self._device_sums.get(name)
-        self._device_sums[name] = value.double() if current is None else current + value
+        if current is None:
+            self._device_sums[name] = value.detach().to(torch.float64, copy=True)
+        else:
+            current.add_(value)  # in place: no new small tensor per batch
 
     def add_mode(self, key: str, scores: SampleScores, samples: int) -> None:
         self._host_sums[f"{key}.samples"] += samples

@@ -267,7 +267,7 @@ class InputStatsAccumulator:
         self.channel_dim, self.per_instance, self.flush_every = channel_dim, per_instance, flush_every
         self.state: LayerStatsState | None = None
         self.calls = 0
-        self._pending: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None   # rows of (mean, unbiased var), allocated once
         self._pending_counts: list[float] = []
 
     def add(self, x: torch.Tensor) -> None:
@@ -286,21 +286,29 @@ class InputStatsAccumulator:
 
     def add_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
         self.calls += 1
-        self._pending.append(torch.cat((mean.detach(), unbiased_var.detach())))
+        channels = mean.numel()
+        if self._pending is None or self._pending.shape[1] != 2 * channels or self._pending.device != mean.device:
+            self._flush()
+            # One buffer, written row by row: no small allocation per batch that would outlive the
+            # batch's activations and fragment the heap (peak memory grew with the number of batches).
+            self._pending = torch.empty(self.flush_every, 2 * channels, dtype=mean.dtype, device=mean.device)
+        row = self._pending[len(self._pending_counts)]
+        row[:channels].copy_(mean.detach())
+        row[channels:].copy_(unbiased_var.detach())
         self._pending_counts.append(float(count))
-        if len(self._pending) >= self.flush_every:
+        if len(self._pending_counts) >= self.flush_every:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if not self._pending_counts:
             return
-        stacked = torch.stack(self._pending)
-        channels = stacked.shape[1] // 2
         counts = self._pending_counts
+        stacked = self._pending[:len(counts)]
+        channels = stacked.shape[1] // 2
         total, within = moments_of_groups(counts, stacked[:, :channels], stacked[:, channels:])
         part = LayerStatsState(total, within, len(counts), min(counts), max(counts))
         self.state = merge_states(self.state, part)
-        self._pending, self._pending_counts = [], []
+        self._pending_counts = []
 
     def finish(self) -> LayerStatsState | None:
         """The accumulation so far, on the CPU."""
