@@ -21,6 +21,14 @@ def pct(value: float | None) -> str:
     return "NaN" if math.isnan(value) else f"{value * 100:.1f}%"
 
 
+def relative_text(relative: float) -> str:
+    """A relative loss gap: a percentage, or a factor once eval loss is over ten times train-mode loss."""
+    if math.isfinite(relative) and relative > 9:
+        factor = 1 + relative
+        return f"eval loss {factor:,.0f}x train-mode" if factor >= 1000 else f"eval loss {factor:.3g}x train-mode"
+    return f"relative {pct(relative)}"
+
+
 def num(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "n/a"

@@ -1,7 +1,7 @@
 """Sections of the HTML report built from plain record fields: metrics, data, layer tables and lists."""
 from __future__ import annotations
 
-from .format import kept_by_reason, momentum_text, num, pct, signed_points
+from .format import kept_by_reason, momentum_text, num, pct, relative_text, signed_points
 from .html_page import esc
 
 NAME_CHARS_MAX = 48  # longer layer names break after a dot
@@ -62,8 +62,7 @@ def metrics_section(report) -> str:
 
     rows = [f'<tr><th scope="row">{esc(label)}</th><td class="num">{num(mode.loss)}</td>'
             f'<td class="num">{pct(mode.accuracy)}</td>{samples(mode)}</tr>' for label, mode in modes]
-    relative = "" if gap.relative_loss is None else \
-        f'<span class="ci">relative {esc(pct(gap.relative_loss))}</span>'
+    relative = "" if gap.relative_loss is None else f'<span class="ci">{esc(relative_text(gap.relative_loss))}</span>'
     rows.append(f'<tr class="gap"><th scope="row">gap</th>'
                 f'<td class="num">{num(gap.loss)}{relative}{_interval(gap.relative_loss_ci, pct)}</td>'
                 f'<td class="num">{signed_points(gap.accuracy)}{_interval(gap.accuracy_ci, signed_points)}</td>'
