@@ -175,7 +175,10 @@ def ddp_ranks(tmp_path_factory):
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("the DDP script forks its ranks (strategy='ddp_fork')")
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    # One thread per rank, as torchrun sets it: the ranks are forked, and OpenMP threads started
+    # before a fork hang the child.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1",
+           "BNCHECK_TEST_THREADS": "1"}
     env.pop("MASTER_PORT", None)
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_ddp_fit.py"), str(out)],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -77,7 +77,8 @@ class TerminalRenderer:
         table = Table(title=title, title_justify="left", caption=DRIFT_LEGEND, caption_justify="left")
         # Names stay whole where they fit; the type and the headers give way first.
         table.add_column("layer", overflow="fold", min_width=min(max(len(l.name) for l in shown), 40))
-        table.add_column("type", overflow="fold")
+        # Keras' 18-letter BatchNormalization would push the short columns off a 120-column log.
+        table.add_column("type", overflow="fold", max_width=None if self.options.width >= 130 else 14)
         for column in ("drift", "", "shift", "var ratio", "momentum", "updates", "train"):
             table.add_column(column, justify="left" if column == "" else "right", no_wrap=True)
         if attribution:
