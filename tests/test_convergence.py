@@ -80,15 +80,22 @@ def test_recomputed_statistics_on_other_data_are_a_mismatch(trained, images_modu
     assert bncheck.diagnose(model, (x, y), device="cpu").findings == ()
 
 
-def test_genuinely_unconverged_statistics_are_still_found(trained, images_module):
-    x, y = images_module
+def _reset_then_updated(trained, x, momentum: float = 0.1):
+    """A copy whose running statistics were reset, then updated by train-mode batches of 32 of ``x``."""
     model = copy.deepcopy(trained)
     for _, bn in norm_modules(model):
         bn.reset_running_stats()
+        bn.momentum = momentum
     model.train()
     with torch.no_grad():
-        for xb in x[:96].split(32):  # three updates with momentum 0.1: 73% still on 0/1
+        for xb in x.split(32):
             model(xb)
+    return model
+
+
+def test_genuinely_unconverged_statistics_are_still_found(trained, images_module):
+    x, y = images_module
+    model = _reset_then_updated(trained, x[:96])  # three updates with momentum 0.1: 73% still on 0/1
     report = bncheck.diagnose(model, (x, y), device="cpu")
     f = codes(report)["stats-not-converged"]
     assert f.severity is Severity.ERROR and f.evidence["judged_by"] == "values"
@@ -101,14 +108,7 @@ def test_genuinely_unconverged_statistics_are_still_found(trained, images_module
 
 def test_a_momentum_below_the_default_is_named_in_the_fix(trained, images_module):
     x, y = images_module
-    model = copy.deepcopy(trained)
-    for _, bn in norm_modules(model):
-        bn.reset_running_stats()
-        bn.momentum = 0.01
-    model.train()
-    with torch.no_grad():
-        for xb in x[:320].split(32):  # ten updates with momentum 0.01: 90% still on 0/1
-            model(xb)
+    model = _reset_then_updated(trained, x[:320], momentum=0.01)  # ten updates: 90% still on 0/1
     f = codes(bncheck.diagnose(model, (x, y), device="cpu"))["stats-not-converged"]
     assert "Use the default momentum" in f.fix
 

@@ -30,10 +30,10 @@ def diagnose(model, data, **options):
     return bncheck.diagnose(model, data, device="cpu", **options)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    x, y = image_data()
-    return train_briefly(make_convnet(), x, y, steps=120), (x, y)
+@pytest.fixture
+def trained(healthy_convnet, images):
+    """The suite's trained ConvNet (a fresh copy per test) and its images."""
+    return healthy_convnet, images
 
 
 # --------------------------------------------------------------------------- statistics from the kernel

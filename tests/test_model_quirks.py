@@ -19,11 +19,8 @@ from conftest import (
     assert_stats_close,
     channel_moments,
     collect_norm_inputs,
-    image_data,
     layer_named,
-    make_convnet,
     state_copy,
-    train_briefly,
 )
 
 
@@ -31,10 +28,10 @@ def diagnose(model, data, **options):
     return bncheck.diagnose(model, data, device="cpu", **options)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    x, y = image_data()
-    return train_briefly(make_convnet(), x, y, steps=120), (x, y)
+@pytest.fixture
+def trained(healthy_convnet, images):
+    """The suite's trained ConvNet (a fresh copy per test) and its images."""
+    return healthy_convnet, images
 
 
 def _reference_accuracies(model, data, batch_size: int):
