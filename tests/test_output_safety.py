@@ -213,9 +213,11 @@ def _recalibrate_killed_while_writing(tmp_path, sig):
     out_dir.mkdir()
     model_py = write_light_model(tmp_path, extra=SLOW_SAVE.format(folder=str(out_dir)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # A job started in the background (nohup, `&`) inherits SIGINT ignored, and Python keeps ignoring
+    # it: give the child the default disposition, as a terminal would.
     process = subprocess.Popen([sys.executable, "-m", "bncheck", "recalibrate", str(model_py), "-o",
                                 str(out_dir / "fixed.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (out_dir / "writing").exists():
