@@ -313,7 +313,8 @@ def frozen_in_train_mode(ev: Evidence) -> list[Finding]:
            if _keras(ev) else
            "Keep frozen norm layers in eval mode after every `model.train()`: "
            "`for m in backbone.modules(): m.eval() if isinstance(m, nn.modules.batchnorm._BatchNorm) else None`; "
-           "or recompute their statistics on the new data with `bncheck recalibrate --include-frozen`.")
+           "or recompute their statistics on the new data: `bncheck recalibrate MODEL -o fixed.pt` (by default it "
+           "recomputes every norm layer that trains under `model.train()`, these included).")
     return [Finding("frozen-bn-in-train-mode", Severity.ERROR if ev.has_data else Severity.WARNING,
                     _names(candidates), evidence,
                     f"{len(candidates)} norm layers have frozen affine parameters but run in train mode: "
