@@ -38,11 +38,11 @@ def check_batching(*, batch_size, seed, max_batches, max_samples) -> None:
     check_integer("max_samples", max_samples)
 
 
-def check_max_gap(max_gap, name: str = "max_gap") -> None:
+def check_max_gap(max_gap) -> None:
     """None (the default for the task) or a fraction from 0 to 1; NaN would fail every gate, and
     a value above 1 is almost always points typed for a fraction (5 for 0.05), which always passes."""
     if max_gap is None:
         return
     if not isinstance(max_gap, numbers.Real) or isinstance(max_gap, bool) or math.isnan(max_gap) \
             or not 0 <= max_gap <= 1:
-        raise InputError(f"{name} must be a fraction from 0 to 1 (0.05 is 5 pts), got {max_gap!r}")
+        raise InputError(f"max_gap must be a fraction from 0 to 1 (0.05 is 5 pts), got {max_gap!r}")

@@ -215,8 +215,9 @@ def _first_sample_sum(dataset) -> float | None:
     """The sum of sample 0, read twice: None where loading it is random (augmentation) or fails
     (the pass reports that)."""
     try:
-        sums = [sum(float(t.double().sum()) for t in iter_tensors(dataset[0]) if t.is_floating_point())
-                for _ in range(2)]
+        with torch.random.fork_rng(devices=[]):  # an augmentation's draws must not move the caller's stream
+            sums = [sum(float(t.double().sum()) for t in iter_tensors(dataset[0]) if t.is_floating_point())
+                    for _ in range(2)]
     except Exception:
         return None
     return sums[0] if sums[0] == sums[1] else None

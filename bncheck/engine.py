@@ -215,7 +215,6 @@ class LocalPass:
         self.batches = 0
         # The first batch goes in as a copy to every forward, to find a forward that changes its input.
         self.copy_inputs: bool | None = None
-        self.mutated_inputs = False
 
     def session(self) -> Session:
         return Session(self.run, self.recorders, self.spec.batch_stats)
@@ -246,20 +245,20 @@ class LocalPass:
         self.checks.maybe_flush(self.batches)
 
     def _forward_modes(self, session: Session, inputs: Any, index: int) -> dict:
-        modes, outputs = self.modes_for(index), {}
+        modes, outputs, mutated = self.modes_for(index), {}, False
         for position, mode in enumerate(modes):
             also = (TRAIN_ON_DROPOUT_BATCHES,) if mode is ForwardMode.NORM_TRAIN and ForwardMode.FULL_TRAIN in modes \
                 else ()
             given = _copy_tensors(inputs) if self.copy_inputs is not False else inputs
             output = session.forward(mode, given, index, *also)
             if self.copy_inputs is None:
-                self.mutated_inputs |= any(t._version for t in iter_tensors(given))
+                mutated |= any(t._version for t in iter_tensors(given))
             # A model may write every output into one buffer: keep each mode's own.
             outputs[mode] = output.clone() if position < len(modes) - 1 else output
             if mode is not ForwardMode.EVAL:  # NaN eval outputs are measured (corrupt stats), not refused
                 self.checks.nonfinite(output, f"{mode.value}-mode outputs of batch {index}")
         if self.copy_inputs is None:
-            self.copy_inputs = self.mutated_inputs  # every mode must see the batch as loaded
+            self.copy_inputs = mutated  # every mode must see the batch as loaded
         return outputs
 
     def _score(self, outputs: dict, targets: Any, size: int, index: int) -> None:

@@ -48,18 +48,15 @@ def _is_int_at_least(value: Any, low: int) -> bool:
 
 
 def diagnose_untouched(model: Any, data: Any, check: EpochCheck, *, device: Any = None, **options: Any) -> Report:
-    """``bncheck.diagnose`` with the global RNG states forked: the diagnosis's own data loading (and
-    dropout pass) must not shift the random stream the training run continues with. ``diagnose``
-    itself restores the model's buffers, modes and momentum."""
+    """``bncheck.diagnose`` on the epoch's model. ``diagnose`` itself restores the model's buffers,
+    modes and momentum, and the caller's random state, so the training run continues its stream."""
     import torch
 
     from ..diagnosis import diagnose
 
     device = torch.device("cpu") if device is None else torch.device(device)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        return diagnose(model, data, device=_device_text(device), max_batches=check.max_batches,
-                        max_gap=check.max_gap, **options)
+    return diagnose(model, data, device=_device_text(device), max_batches=check.max_batches,
+                    max_gap=check.max_gap, **options)
 
 
 def _device_text(device) -> str:
