@@ -299,7 +299,7 @@ def test_resnet50_three_images_example(tmp_path):
     x, y = example.images()
     assert model.history.history["accuracy"][-1] == 1.0
     keras_loss, keras_accuracy = model.evaluate(x, y, verbose=0)
-    assert keras_accuracy <= 2 / 3  # at least one of the three images wrong
+    assert round(keras_accuracy * 3) <= 2  # at least one of the three images wrong (2/3 in float32 is above 2/3)
     model.save(tmp_path / "resnet50.keras")
     np.savez(tmp_path / "three.npz", x=x, y=y)
 
