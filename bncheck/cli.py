@@ -66,8 +66,10 @@ def _fail_on_errors(command):
     def wrapper(*args, **kwargs):
         from .errors import BncheckError
 
+        from .setup_gc import SETUP_GC
+
         try:
-            with _sigterm_unwinds():
+            with _sigterm_unwinds(), SETUP_GC.paused():
                 return command(*args, **kwargs)
         except BncheckError as error:
             raise InputProblem(_one_line(str(error))) from error
@@ -317,10 +319,13 @@ def _processes(device: str, timeout: float):
 def _load(model_spec, *, need_data, checkpoint, unsafe_pickle, num_classes, data_path=None, image_size=None,
           normalize="auto", layout="auto", input_key=None, target_key=None):
     from .loading.sources import DataOptions, load_inputs
+    from .setup_gc import SETUP_GC
 
-    return load_inputs(model_spec, need_data=need_data, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
-                       num_classes=num_classes,
-                       data=DataOptions(data_path, image_size, normalize, layout, input_key, target_key))
+    loaded = load_inputs(model_spec, need_data=need_data, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
+                         num_classes=num_classes,
+                         data=DataOptions(data_path, image_size, normalize, layout, input_key, target_key))
+    SETUP_GC.settle()
+    return loaded
 
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

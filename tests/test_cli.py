@@ -777,3 +777,48 @@ def test_recalibrate_reports_before_and_after_on_val_data(models, tmp_path):
     with torch.no_grad():
         expected = float((model(x).argmax(1) == y).float().mean())
     assert val["after"]["accuracy"] == pytest.approx(expected)
+
+
+GC_RECORDING_MODEL = '''
+import gc
+import os
+
+_build_tiny = build_model
+
+
+class RecordsCollector(nn.Module):
+    """Writes, at every forward, whether the cyclic GC runs and whether setup's objects are frozen."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with open(os.environ["GC_LOG"], "a") as log:
+            log.write(f"{gc.isenabled()} {gc.get_freeze_count() > 0}\\n")
+        return self.inner(x)
+
+
+def build_model():
+    return RecordsCollector(_build_tiny())
+'''
+
+
+@pytest.mark.parametrize("command", ["diagnose", "recalibrate"])
+def test_the_collector_runs_during_the_passes_and_is_given_back_as_it_was(tmp_path, command):
+    """Setup's long-lived objects are frozen for the passes (the collector skips them) and the
+    collector is enabled; after the command, and after a failed one, it is as the caller had it."""
+    import gc
+
+    path = write_model(tmp_path, extra=GC_RECORDING_MODEL)
+    log = tmp_path / "gc.log"
+    args = ["-o", tmp_path / "fixed.pt"] if command == "recalibrate" else []
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    result = run(command, path, *args, env={"GC_LOG": str(log)})
+    assert result.exit_code == EXIT_PASS, result.stderr
+    seen = set(log.read_text().splitlines())
+    assert seen == {"True True"}, seen
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    failed = run(command, tmp_path / "missing.py", *args)
+    assert failed.exit_code == EXIT_ERROR
+    assert gc.isenabled() and gc.get_freeze_count() == 0
