@@ -79,7 +79,7 @@ def recalibrate(model: Any, data: Any, *, inplace: bool = False, include_frozen:
         source = adapter_for(model)
         require_running_stats(source, source.norm_layers())
         target = model if inplace else source.clone_model()
-        run = resolve_run(target, data, options, world=world)
+        run = resolve_run(source if inplace else target, data, options, world=world)
         chosen, kept = choose_layers(run.layers, include_frozen=include_frozen, patterns=layers)
         if evaluate:
             run.plan.require_reiterable("recalibrate (statistics, then eval metrics before and after)")

@@ -95,10 +95,11 @@ class Run:
 
 
 def resolve_run(model: Any, data: Any, options: RunOptions, *, world: World | None = None) -> Run:
-    """Everything a pass needs, decided once; ``world`` defaults to the running process group."""
+    """Everything a pass needs, decided once; ``world`` defaults to the running process group.
+    ``model`` is the user's model or an adapter already made for it."""
     from .devices import resolve_device
 
-    adapter = adapter_for(model)
+    adapter = model if isinstance(model, ModelAdapter) else adapter_for(model)
     layers = tuple(adapter.norm_layers())
     require_running_stats(adapter, layers)
     if world is None:

@@ -13,6 +13,7 @@ import bncheck
 from bncheck.stats import InputStatsAccumulator
 from conftest import (
     KeepsInEval,
+    blob_data,
     assert_state_equal,
     assert_stats_close,
     channel_moments,
@@ -156,6 +157,35 @@ def test_train_mode_is_model_train_with_dropout_and_stochastic_depth_off():
             correct += int((clone(xb).argmax(1) == yb).sum())
     assert report.metrics.train.accuracy == pytest.approx(correct / len(y), abs=1e-12)
     assert report.metrics.train_with_dropout is not None and report.metrics.train_with_dropout.num_samples == 32
+
+
+class ReactsToItsMode(nn.Module):
+    """A block whose own __setattr__ watches its training flag: bncheck must set the flag through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+        self.__dict__["flags_set"] = []
+
+    def __setattr__(self, name, value):
+        if name == "training" and "flags_set" in self.__dict__:
+            self.flags_set.append(value)
+        super().__setattr__(name, value)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def test_a_module_with_its_own_setattr_sees_every_mode_switch():
+    x, y = blob_data()
+    block = ReactsToItsMode()
+    model = nn.Sequential(nn.Linear(8, 8), block, nn.ReLU(), nn.Linear(8, 3))
+    model = train_briefly(model, x, y, steps=40).eval()
+    block.flags_set.clear()
+    diagnose(model, (x, y), batch_size=48)
+    assert True in block.flags_set and False in block.flags_set
+    assert block.flags_set.count(False) >= 5  # set to eval before each of the five batches' eval forward
+    assert block.flags_set[-1] is False and not block.training  # the model's eval mode, restored
 
 
 def test_layers_an_overridden_train_keeps_in_eval_use_their_running_statistics(trained):

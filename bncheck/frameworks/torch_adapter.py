@@ -8,6 +8,7 @@ batch statistics. NORM_TRAIN is that mode with dropout and stochastic depth back
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,8 @@ class TorchModelAdapter(ModelAdapter):
                 layer.batch_stats_in_train = trains[layer.module] or not layer.tracks_running_stats
         self._dropouts = [m for m, flag in trains.items() if flag and is_dropout_like(m) and _drop_rate(m) > 0]
         self._functional_dropout: bool | None = None  # unknown until the first train-mode forward
+        self._flag_setters = [_training_setter(m) for m in self._modules]
+        self._mode_tables: dict = {}
 
     def _mode_flags(self) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
         """What the user's own model.train() and model.eval() do to every module's flag; whatever else
@@ -141,19 +144,29 @@ class TorchModelAdapter(ModelAdapter):
                 layer.module.momentum = momentum
 
     def set_mode(self, mode: ForwardMode, *, batch_stats: frozenset[str] | None = None) -> None:
-        flags = self._eval_flags if mode is ForwardMode.EVAL else self._train_flags
-        for module, flag in zip(self._modules, flags):
-            module.training = flag
+        """Runs twice a batch: the flags of each mode are worked out once and then only assigned."""
+        key = (mode, batch_stats)
+        if key not in self._mode_tables:
+            self._mode_tables[key] = self._mode_table(mode, batch_stats)
+        flags, scratch = self._mode_tables[key]
+        for assign, flag in zip(self._flag_setters, flags):
+            assign(flag)
+        for layer, batch in zip(self._norm, scratch):
+            layer.use_scratch() if batch else layer.use_live()
+
+    def _mode_table(self, mode: ForwardMode, batch_stats: frozenset[str] | None):
+        """Every module's ``training`` flag in ``mode``, and which norm layers run on batch statistics."""
+        flags = dict(zip(self._modules, self._eval_flags if mode is ForwardMode.EVAL else self._train_flags))
         if mode is ForwardMode.NORM_TRAIN:
-            for module in self._dropouts:
-                module.training = False
+            flags.update((module, False) for module in self._dropouts)
+        scratch = []
         for layer in self._norm:
-            if mode is ForwardMode.EVAL:
-                layer.use_live()
-                continue
-            training = layer.batch_stats_in_train if batch_stats is None else layer.name in batch_stats
-            layer.module.training = training
-            layer.use_scratch() if training else layer.use_live()
+            batch = mode is not ForwardMode.EVAL and (
+                layer.batch_stats_in_train if batch_stats is None else layer.name in batch_stats)
+            if mode is not ForwardMode.EVAL:
+                flags[layer.module] = batch
+            scratch.append(batch)
+        return tuple(flags[module] for module in self._modules), tuple(scratch)
 
     @contextlib.contextmanager
     def forward_guard(self, mode: ForwardMode):
@@ -207,6 +220,17 @@ class TorchModelAdapter(ModelAdapter):
 
     def prepare_inputs(self, inputs: Any, device: torch.device, *, channels_last: bool = False) -> Any:
         return _to_device(inputs, device, channels_last)
+
+
+def _training_setter(module: nn.Module):
+    """``module.training = flag``; straight into the instance dict where that is all nn.Module's
+    __setattr__ would do (it costs a dozen checks, on hundreds of modules, twice a batch)."""
+    cls = type(module)
+    plain = cls.__setattr__ is nn.Module.__setattr__ and not hasattr(cls, "training") \
+        and "training" in module.__dict__
+    if plain:
+        return functools.partial(module.__dict__.__setitem__, "training")
+    return functools.partial(setattr, module, "training")
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

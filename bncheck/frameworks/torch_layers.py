@@ -215,7 +215,8 @@ class BatchNormLayer(TorchLayer):
 
     def use_scratch(self) -> None:
         super().use_scratch()
-        self.module.momentum = 1.0  # the scratch buffers then hold exactly this batch's statistics
+        if self.module.momentum != 1.0:  # the scratch buffers then hold exactly this batch's statistics
+            self.module.momentum = 1.0
 
     def write_running_stats(self, mean, biased_var, unbiased_var, num_batches: int = 0) -> None:
         super().write_running_stats(mean, biased_var, unbiased_var)
