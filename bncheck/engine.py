@@ -27,6 +27,7 @@ from .tasks import SampleScores, Task, infer_task, score_samples, select_output
 ProgressCallback = Callable[[int, "int | None"], None]
 WITH_DROPOUT = "train_with_dropout"
 TRAIN_ON_DROPOUT_BATCHES = "train@dropout_batches"   # train mode on the batches the dropout pass saw
+KERNEL_STATS_ROWS = 64   # batches of kernel statistics buffered on the device per layer, merged at once
 _MODE_KEYS = {ForwardMode.EVAL: EVAL, ForwardMode.NORM_TRAIN: TRAIN, ForwardMode.FULL_TRAIN: WITH_DROPOUT}
 
 
@@ -70,9 +71,12 @@ class PassResult:
 class LayerRecorder:
     """One norm layer's statistics in each measured mode; its hook writes to the active mode's."""
 
-    def __init__(self, layer, keys, order: list[str]):
+    def __init__(self, layer, batches_by_key: dict, order: list[str]):
+        """``batches_by_key``: each measured mode and the most batches it will see (None: unknown)."""
         self.name, self._order = layer.name, order
-        self.accumulators = {key: InputStatsAccumulator(layer.channel_dim, layer.per_instance) for key in keys}
+        self.accumulators = {key: InputStatsAccumulator(layer.channel_dim, layer.per_instance,
+                                                        flush_every=_buffered_batches(batches))
+                             for key, batches in batches_by_key.items()}
         self.active = False
         self._targets: tuple[InputStatsAccumulator, ...] = ()
 
@@ -94,6 +98,12 @@ class LayerRecorder:
         self._seen()
         for target in self._targets:
             target.add_batch_stats(count, mean, unbiased_var)
+
+
+def _buffered_batches(batches: int | None) -> int:
+    """Rows of kernel statistics a layer buffers before merging: no more than the batches it will
+    see (the dropout pass sees one), so the buffers of wide models stay small."""
+    return max(1, min(KERNEL_STATS_ROWS, batches if batches is not None else KERNEL_STATS_ROWS))
 
 
 class Session:
@@ -207,8 +217,11 @@ class LocalPass:
         stat_modes = [m for m in spec.modes if m is not ForwardMode.EVAL] if spec.collect_stats else []
         if ForwardMode.FULL_TRAIN in stat_modes:
             stat_modes.append(TRAIN_ON_DROPOUT_BATCHES)  # the same batches with dropout off, to compare
+        batches = run.plan.shard_length(run.world.rank, run.world.size, spec.limit)
+        dropout_batches = spec.dropout_batches if batches is None else min(spec.dropout_batches, batches)
+        batches_by_key = {key: batches if key is ForwardMode.NORM_TRAIN else dropout_batches for key in stat_modes}
         self.order: list[str] = []
-        self.recorders = [LayerRecorder(layer, stat_modes, self.order) for layer in run.layers]
+        self.recorders = [LayerRecorder(layer, batches_by_key, self.order) for layer in run.layers]
         self.checks = DeferredChecks(run.device)
         self.task: Task | None = None
         self.meter: OutcomeMeter | None = None
