@@ -12,8 +12,8 @@ import torch and torchvision, build the model from the same model.py and load th
 * update_bn: ``torch.optim.swa_utils.update_bn`` then ``torch.save`` of the state_dict;
 * ``bncheck recalibrate --no-eval`` and ``bncheck recalibrate`` (before/after evaluation).
 
-It prints the median wall time of each, the ratios the targets are stated in, and each
-process's peak RSS. Run it on an idle machine: every process is timed whole.
+It prints the median wall time of each, the ratios the targets are stated in (the median over
+rounds of each round's ratio), and the ratio of the processes' peak RSS. Run it on an idle machine: every process is timed whole.
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def commands(folder: Path, device: str) -> dict[str, list[str]]:
     }
 
 
-def measure(arch: str, args) -> dict[str, tuple[float, float]]:
+def measure(arch: str, args) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each variant's wall times, one per round, and its peak RSS over all rounds."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepare(folder, arch, args.samples, args.size, args.batch_size)
@@ -141,7 +142,13 @@ def measure(arch: str, args) -> dict[str, tuple[float, float]]:
                 seconds, peak = timed_process(argv, folder)
                 times[name].append(seconds)
                 rss[name] = max(rss[name], peak)
-        return {name: (statistics.median(values), rss[name]) for name, values in times.items()}
+        return times, rss
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """The median over rounds of one round's ratio: runs of one round are seconds apart, so a slow
+    spell of the machine (a shared VM's neighbours) slows both sides of the ratio alike."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
 
 def main() -> None:
@@ -157,16 +164,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     print(f"{args.samples} samples of 3x{args.size}x{args.size}, batch {args.batch_size}, device {args.device}, "
-          f"median of {args.repeats} alternating runs; times are whole processes")
+          f"median of {args.repeats} alternating rounds; times are whole processes, ratios the median of "
+          "each round's")
     print("| architecture | floor s | diagnose s | diagnose / floor | update_bn s | recalibrate --no-eval / "
           "update_bn | recalibrate / update_bn | peak RSS diagnose / floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for arch in args.archs.split(","):
-        r = measure(arch, args)
-        floor, diag, upd = r["floor"][0], r["diagnose"][0], r["update_bn"][0]
-        print(f"| {arch} | {floor:.2f} | {diag:.2f} | {diag / floor:.3f} | {upd:.2f} | "
-              f"{r['recalibrate --no-eval'][0] / upd:.3f} | {r['recalibrate'][0] / upd:.3f} | "
-              f"{r['diagnose'][1] / r['floor'][1]:.3f} |", flush=True)
+        times, rss = measure(arch, args)
+        median = {name: statistics.median(values) for name, values in times.items()}
+        print(f"| {arch} | {median['floor']:.2f} | {median['diagnose']:.2f} | "
+              f"{paired_ratio(times, 'diagnose', 'floor'):.3f} | {median['update_bn']:.2f} | "
+              f"{paired_ratio(times, 'recalibrate --no-eval', 'update_bn'):.3f} | "
+              f"{paired_ratio(times, 'recalibrate', 'update_bn'):.3f} | {rss['diagnose'] / rss['floor']:.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
