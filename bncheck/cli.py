@@ -318,9 +318,10 @@ def _processes(device: str, timeout: float):
 
 def _load(model_spec, *, need_data, checkpoint, unsafe_pickle, num_classes, data_path=None, image_size=None,
           normalize="auto", layout="auto", input_key=None, target_key=None):
-    from .loading.sources import DataOptions, load_inputs
+    from .loading.sources import DataOptions, load_inputs  # imports torch
     from .setup_gc import SETUP_GC
 
+    SETUP_GC.settle()  # before the user's code runs, which may make garbage worth collecting
     loaded = load_inputs(model_spec, need_data=need_data, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                          num_classes=num_classes,
                          data=DataOptions(data_path, image_size, normalize, layout, input_key, target_key))
@@ -503,5 +504,13 @@ def _load_for(params: dict, *, need_data: bool):
                  input_key=params.get("input_key"), target_key=params.get("target_key"))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``bncheck`` console command: the CLI as the whole process."""
+    from .setup_gc import SETUP_GC
+
+    SETUP_GC.process_ends_after = True
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -819,6 +819,34 @@ def test_the_collector_runs_during_the_passes_and_is_given_back_as_it_was(tmp_pa
     seen = set(log.read_text().splitlines())
     assert seen == {"True True"}, seen
     assert gc.isenabled() and gc.get_freeze_count() == 0
-    failed = run(command, tmp_path / "missing.py", *args)
-    assert failed.exit_code == EXIT_ERROR
+    failed = run(command, tmp_path / "missing.py", "-o", tmp_path / "a.pt") if command == "recalibrate" \
+        else run(command, tmp_path / "missing.py")
+    assert failed.exit_code == EXIT_ERROR  # before the freeze
     assert gc.isenabled() and gc.get_freeze_count() == 0
+    nan_data = write_model(tmp_path, extra=GC_RECORDING_MODEL + NAN_DATA, name="nan.py")
+    failed = run(command, nan_data, *(["-o", tmp_path / "b.pt"] if command == "recalibrate" else []),
+                 env={"GC_LOG": str(log)})
+    assert failed.exit_code == EXIT_ERROR and "NaN" in failed.stderr  # after it, in the passes
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+NAN_DATA = '''
+
+def get_dataloader():
+    x, y = _data()
+    x[5, 0] = float("nan")
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+'''
+
+
+def test_a_caller_that_froze_objects_itself_keeps_its_freeze(models):
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert run("diagnose", models["none"]).exit_code == EXIT_PASS
+        # Still frozen, and nothing added (frozen objects that lose their last reference are freed).
+        assert gc.isenabled() and 0.9 * frozen < gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
