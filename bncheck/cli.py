@@ -321,7 +321,7 @@ def _load(model_spec, *, need_data, checkpoint, unsafe_pickle, num_classes, data
     from .loading.sources import DataOptions, load_inputs  # imports torch
     from .setup_gc import SETUP_GC
 
-    SETUP_GC.settle()  # before the user's code runs, which may make garbage worth collecting
+    SETUP_GC.settle(collect=True)  # before the user's code runs, which may make garbage worth collecting
     loaded = load_inputs(model_spec, need_data=need_data, checkpoint=checkpoint, unsafe_pickle=unsafe_pickle,
                          num_classes=num_classes,
                          data=DataOptions(data_path, image_size, normalize, layout, input_key, target_key))
