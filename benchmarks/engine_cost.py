@@ -13,7 +13,8 @@ import torch and torchvision, build the model from the same model.py and load th
 * ``bncheck recalibrate --no-eval`` and ``bncheck recalibrate`` (before/after evaluation).
 
 It prints the median wall time of each, the ratios the targets are stated in (the median over
-rounds of each round's ratio), and the ratio of the processes' peak RSS. Run it on an idle machine: every process is timed whole.
+rounds of each round's ratio), and the ratio of the processes' peak RSS. Run it on an idle
+machine: every process is timed whole.
 """
 from __future__ import annotations
 

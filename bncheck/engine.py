@@ -21,13 +21,12 @@ from .frameworks import ForwardMode
 from .gating import StopRule
 from .outcomes import EVAL, TRAIN, OutcomeMeter, Outcomes, merge_outcomes
 from .run import Run
-from .stats import InputStatsAccumulator, LayerInputStats, finalize, merge_states
+from .stats import KERNEL_STATS_ROWS, InputStatsAccumulator, LayerInputStats, finalize, merge_states
 from .tasks import SampleScores, Task, infer_task, score_samples, select_output
 
 ProgressCallback = Callable[[int, "int | None"], None]
 WITH_DROPOUT = "train_with_dropout"
 TRAIN_ON_DROPOUT_BATCHES = "train@dropout_batches"   # train mode on the batches the dropout pass saw
-KERNEL_STATS_ROWS = 64   # batches of kernel statistics buffered on the device per layer, merged at once
 _MODE_KEYS = {ForwardMode.EVAL: EVAL, ForwardMode.NORM_TRAIN: TRAIN, ForwardMode.FULL_TRAIN: WITH_DROPOUT}
 
 

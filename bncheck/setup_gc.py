@@ -8,8 +8,9 @@ builds the model and the data, so garbage made there (a training loop in ``build
 still collected. What is alive once loading ends is frozen too, so the collections during the
 passes see only what the passes allocate. Leaving the command undoes all of it, except when the
 process ends with the command (``bncheck`` itself, ``python -m bncheck``): unfrozen, the objects
-would be walked again by the interpreter's collections at shutdown (about 0.6 s on resnet18). Where the
-caller has frozen objects of its own, or a command runs inside another, nothing is touched.
+would be walked again by the interpreter's collections at shutdown (about 0.6 s on resnet18).
+Where the caller has frozen objects of its own, or a command runs inside another, nothing is
+touched.
 """
 from __future__ import annotations
 

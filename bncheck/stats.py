@@ -254,6 +254,9 @@ def finalize(state: LayerStatsState | None, calls: int) -> LayerInputStats | Non
                            state.max_count, calls)
 
 
+KERNEL_STATS_ROWS = 64   # batches of kernel statistics buffered on the device per layer, merged at once
+
+
 class InputStatsAccumulator:
     """Streams one norm layer's batches into exact float64 moments on their device.
 
@@ -263,7 +266,7 @@ class InputStatsAccumulator:
     so the per-batch cost is one small copy and no host synchronisation.
     """
 
-    def __init__(self, channel_dim: int = 1, per_instance: bool = False, flush_every: int = 64):
+    def __init__(self, channel_dim: int = 1, per_instance: bool = False, flush_every: int = KERNEL_STATS_ROWS):
         self.channel_dim, self.per_instance, self.flush_every = channel_dim, per_instance, flush_every
         self.state: LayerStatsState | None = None
         self.calls = 0
