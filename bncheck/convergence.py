@@ -9,11 +9,11 @@ running statistics with that blend and with the data's own statistics, per chann
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import NamedTuple
+
+import torch
 
 from .report import LayerReport
-
-Point = tuple[float, float]
 
 
 def _target_variances(layer: LayerReport) -> tuple[float, ...]:
@@ -22,14 +22,29 @@ def _target_variances(layer: LayerReport) -> tuple[float, ...]:
     return channels.true_var if layer.framework == "keras" else channels.true_var_unbiased
 
 
-def _channel_points(layer: LayerReport) -> Iterator[tuple[Point, Point, Point]]:
-    """Per channel: the running statistics, the data's and the 0/1 initial values, in data-std units."""
+class _ChannelPoints(NamedTuple):
+    """Per channel, as float64 tensors in data-std units: the running statistics ``(mean, std)``, the
+    data's ``(mean, 1)`` and the 0/1 initial values ``(0, init_std)``."""
+
+    running_mean: torch.Tensor
+    running_std: torch.Tensor
+    data_mean: torch.Tensor
+    init_std: torch.Tensor
+
+
+def _channel_points(layer: LayerReport) -> _ChannelPoints:
+    """One tensor operation for all channels: wide models have tens of thousands of them."""
     channels = layer.channels
-    for mean, var, run_mean, run_var in zip(channels.true_mean, _target_variances(layer),
-                                            channels.running_mean, channels.running_var):
-        std = math.sqrt(var + layer.eps)
-        running = (run_mean / std, math.sqrt(max(run_var, 0.0) + layer.eps) / std)
-        yield running, (mean / std, 1.0), (0.0, math.sqrt(1.0 + layer.eps) / std)
+    mean, var, run_mean, run_var = (torch.tensor(values, dtype=torch.float64) for values in (
+        channels.true_mean, _target_variances(layer), channels.running_mean, channels.running_var))
+    std = (var + layer.eps).sqrt()
+    return _ChannelPoints(run_mean / std, (run_var.clamp_min(0.0) + layer.eps).sqrt() / std, mean / std,
+                          math.sqrt(1.0 + layer.eps) / std)
+
+
+def _dist(mean_a, std_a, mean_b, std_b) -> torch.Tensor:
+    """Per channel, the distance of two points ``(mean, std)``."""
+    return torch.hypot(mean_a - mean_b, std_a - std_b)
 
 
 def weight_left_at_init(layer: LayerReport) -> float | None:
@@ -38,10 +53,9 @@ def weight_left_at_init(layer: LayerReport) -> float | None:
     statistics like the data's. Statistics of other data cover the way or more, giving 0."""
     if layer.channels is None:
         return None
-    moved = total = 0.0
-    for running, data, init in _channel_points(layer):
-        moved += math.dist(running, init)
-        total += math.dist(data, init)
+    p = _channel_points(layer)
+    moved = float(_dist(p.running_mean, p.running_std, 0.0, p.init_std).sum())
+    total = float(_dist(p.data_mean, 1.0, 0.0, p.init_std).sum())
     return max(0.0, 1.0 - moved / total) if total > 0 else None
 
 
@@ -54,11 +68,10 @@ def counter_blend_ratio(layer: LayerReport) -> float | None:
     weight = layer.initial_weight
     if layer.channels is None or weight is None:
         return None
-    to_blend = to_data = 0.0
-    for running, (data_mean, data_std), (_init_mean, init_std) in _channel_points(layer):
-        blend = ((1.0 - weight) * data_mean, math.sqrt(weight * init_std ** 2 + (1.0 - weight) * data_std ** 2))
-        to_blend += math.dist(running, blend)
-        to_data += math.dist(running, (data_mean, data_std))
+    p = _channel_points(layer)
+    blend_std = (weight * p.init_std ** 2 + (1.0 - weight)).sqrt()
+    to_blend = float(_dist(p.running_mean, p.running_std, (1.0 - weight) * p.data_mean, blend_std).sum())
+    to_data = float(_dist(p.running_mean, p.running_std, p.data_mean, 1.0).sum())
     return to_blend / to_data if to_data > 0 else None
 
 

@@ -78,6 +78,7 @@ class LayerRecorder:
                              for key, batches in batches_by_key.items()}
         self.active = False
         self._targets: tuple[InputStatsAccumulator, ...] = ()
+        self._in_order = False
 
     def activate(self, *keys) -> None:
         """Record into the accumulators of ``keys`` (modes, or TRAIN_ON_DROPOUT_BATCHES); none: inactive."""
@@ -85,18 +86,22 @@ class LayerRecorder:
         self.active = bool(self._targets)
 
     def _seen(self) -> None:
-        if self.name not in self._order:
+        if not self._in_order:
             self._order.append(self.name)
+            self._in_order = True
 
     def record_input(self, x: torch.Tensor) -> None:
         self._seen()
         for target in self._targets:
             target.add(x)
 
-    def record_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    def record_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor):
+        """Returns where the layer's kernel may write the next batch's statistics (None: inactive)."""
         self._seen()
+        rows = None
         for target in self._targets:
-            target.add_batch_stats(count, mean, unbiased_var)
+            rows = target.add_batch_stats(count, mean, unbiased_var)
+        return rows
 
 
 def _buffered_batches(batches: int | None) -> int:
@@ -191,7 +196,7 @@ class DeferredChecks:
         self._pending: list[tuple[torch.Tensor, str]] = []
 
     def nonfinite(self, value: Any, what: str) -> None:
-        flags = [~torch.isfinite(t).all() for t in iter_tensors(value) if t.is_floating_point()]
+        flags = [_has_nonfinite(t) for t in iter_tensors(value) if t.is_floating_point()]
         if flags:
             self._pending.append((torch.stack(flags).any(), what))
             if self.every == 1:
@@ -206,6 +211,15 @@ class DeferredChecks:
         for flag, what in pending:
             if bool(flag):
                 raise NonFiniteError(f"{what} contain NaN or inf; clean the data (or the model) before diagnosing")
+
+
+def _has_nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """A NaN or inf anywhere makes the sum NaN or inf. Summed in float64, finite values of a narrower
+    dtype cannot overflow (3.4e38 times any count stays below 1.8e308), and one reduction costs a
+    tenth of an elementwise ``isfinite`` over the batch."""
+    if t.dtype == torch.float64:
+        return ~torch.isfinite(t).all()
+    return ~torch.isfinite(t.sum(dtype=torch.float64))
 
 
 class LocalPass:

@@ -263,14 +263,19 @@ class InputStatsAccumulator:
     :meth:`add` reads an input tensor; :meth:`add_batch_stats` takes the mean and
     unbiased variance BatchNorm's kernel computed for a batch of ``count`` samples per
     channel. Kernel statistics are buffered and merged ``flush_every`` batches at a time,
-    so the per-batch cost is one small copy and no host synchronisation.
+    so there is no host synchronisation per batch. Each call returns views of the buffer
+    row the next batch goes in: a layer whose kernel writes its statistics straight there
+    saves the copy.
     """
 
     def __init__(self, channel_dim: int = 1, per_instance: bool = False, flush_every: int = KERNEL_STATS_ROWS):
         self.channel_dim, self.per_instance, self.flush_every = channel_dim, per_instance, flush_every
         self.state: LayerStatsState | None = None
         self.calls = 0
-        self._pending: torch.Tensor | None = None   # rows of (mean, unbiased var), allocated once
+        # Rows of means and of unbiased variances, allocated once, and a view of each row.
+        self._means: torch.Tensor | None = None
+        self._vars: torch.Tensor | None = None
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_counts: list[float] = []
 
     def add(self, x: torch.Tensor) -> None:
@@ -287,31 +292,40 @@ class InputStatsAccumulator:
         part = LayerStatsState(batch, within, 1, count, count, inst, int(x.shape[0]) if self.per_instance else 0)
         self.state = merge_states(self.state, part)
 
-    def add_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    def add_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
-        channels = mean.numel()
-        if self._pending is None or self._pending.shape[1] != 2 * channels or self._pending.device != mean.device:
-            self._flush()
-            # One buffer, written row by row: no small allocation per batch that would outlive the
-            # batch's activations and fragment the heap (peak memory grew with the number of batches).
-            self._pending = torch.empty(self.flush_every, 2 * channels, dtype=mean.dtype, device=mean.device)
-        row = self._pending[len(self._pending_counts)]
-        row[:channels].copy_(mean.detach())
-        row[channels:].copy_(unbiased_var.detach())
+        if self._means is None or self._means.shape[1] != mean.numel():
+            self._allocate(mean)
+        row = self._rows[len(self._pending_counts)]
+        if mean is not row[0] or unbiased_var is not row[1]:  # the kernel wrote elsewhere
+            row[0].copy_(mean.detach())
+            row[1].copy_(unbiased_var.detach())
         self._pending_counts.append(float(count))
         if len(self._pending_counts) >= self.flush_every:
             self._flush()
+        return self._rows[len(self._pending_counts)]
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        """One buffer each, written row by row: no small allocation per batch that would outlive the
+        batch's activations and fragment the heap (peak memory grew with the number of batches).
+        Zeros: a kernel with momentum 1 writes ``0 * old + batch`` into a row, and 0 * NaN is NaN."""
+        self._flush()
+        shape = (self.flush_every, like.numel())
+        self._means = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self._vars = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self._rows = list(zip(self._means.unbind(0), self._vars.unbind(0)))
 
     def _flush(self) -> None:
         if not self._pending_counts:
             return
-        counts = self._pending_counts
-        stacked = self._pending[:len(counts)]
-        channels = stacked.shape[1] // 2
-        total, within = moments_of_groups(counts, stacked[:, :channels], stacked[:, channels:])
-        part = LayerStatsState(total, within, len(counts), min(counts), max(counts))
+        counts, rows = self._pending_counts, len(self._pending_counts)
+        total, within = moments_of_groups(counts, self._means[:rows], self._vars[:rows])
+        part = LayerStatsState(total, within, rows, min(counts), max(counts))
         self.state = merge_states(self.state, part)
         self._pending_counts = []
+        for buffer in (self._means, self._vars):
+            buffer.zero_()   # the merged moments are new tensors: the rows are free again
 
     def finish(self) -> LayerStatsState | None:
         """The accumulation so far, on the CPU."""

@@ -65,6 +65,32 @@ def test_batchnorm_statistics_come_from_its_kernel_not_from_a_float64_copy(train
         assert_stats_close(channels.true_var_unbiased, unbiased)
 
 
+def test_the_kernel_writes_every_batch_after_the_first_straight_into_the_accumulator(trained, monkeypatch):
+    """No copy per layer and batch: from the second batch on, the buffers a BatchNorm ran on are the
+    row its accumulator offered."""
+    model, data = trained
+    written_in_place = []
+    add_batch_stats = InputStatsAccumulator.add_batch_stats
+
+    def watching(self, count, mean, unbiased_var):
+        offered = self._rows[len(self._pending_counts)] if self._rows else (None, None)
+        written_in_place.append(mean is offered[0] and unbiased_var is offered[1])
+        return add_batch_stats(self, count, mean, unbiased_var)
+
+    monkeypatch.setattr(InputStatsAccumulator, "add_batch_stats", watching)
+    before = {name: (bn.running_mean, bn.running_mean.clone()) for name, bn in norm_modules(model)}
+    report = diagnose(model, data, batch_size=16)
+    assert len(written_in_place) == 3 * 12 and sum(written_in_place) == 3 * 11
+    reference = collect_norm_inputs(model, list(bncheck.batches.plan_batches(data, batch_size=16).batches))
+    for name in ("bn1", "bn2", "bn3"):
+        mean, var, unbiased = channel_moments(reference[name])
+        assert_stats_close(layer_named(report, name).channels.true_mean, mean, var.sqrt())
+        assert_stats_close(layer_named(report, name).channels.true_var_unbiased, unbiased)
+    # the model keeps its own buffers, unchanged
+    for name, bn in norm_modules(model):
+        assert bn.running_mean is before[name][0] and torch.equal(bn.running_mean, before[name][1])
+
+
 @pytest.mark.parametrize("batch_size", [7, 16, 50])
 def test_any_batch_size_gives_the_same_input_statistics_of_the_first_layer(trained, batch_size):
     model, data = trained  # bn1 sees the data through a fixed conv: batching cannot change its moments

@@ -160,6 +160,38 @@ def test_accumulator_batchnorm_totals_and_between_batch_dispersion():
     assert result.total.count == counts.sum().item()
 
 
+def test_kernel_statistics_written_into_the_offered_rows_merge_like_copied_ones():
+    """A layer's kernel writes each batch's statistics into the row the accumulator offered; rows are
+    reused after every merge of ``flush_every`` batches, and a batch written elsewhere is copied in."""
+    g = torch.Generator().manual_seed(8)
+    batches = [torch.randn(k, 3, 5, generator=g) * 2 + 1.5 for k in (6, 6, 4, 6, 6, 3, 6, 5)]
+    acc = InputStatsAccumulator(flush_every=3)
+    rows, in_place = None, []
+    for i, b in enumerate(batches):
+        mean, _var, unbiased = (t.float() for t in channel_moments(b))
+        if rows is not None and i != 4:  # batch 4 comes from some other buffer
+            rows[0].copy_(mean)
+            rows[1].copy_(unbiased)
+            mean, unbiased = rows
+        in_place.append(rows is not None and mean is rows[0])
+        rows = acc.add_batch_stats(float(b.numel() // 3), mean, unbiased)
+        assert rows[0].shape == rows[1].shape == (3,)
+    assert in_place == [False, True, True, True, False, True, True, True]
+    result = acc.result()
+    mean, var, unbiased = channel_moments(torch.cat(batches))
+    torch.testing.assert_close(result.mean, mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(result.var_unbiased, unbiased, rtol=1e-6, atol=1e-6)
+    assert result.num_batches == result.calls == 8 and result.total.count == sum(b.numel() // 3 for b in batches)
+
+
+def test_reused_rows_start_at_zero_so_a_momentum_one_kernel_writes_exactly_the_batch():
+    acc = InputStatsAccumulator(flush_every=2)
+    rows = acc.add_batch_stats(4.0, torch.full((2,), float("nan")), torch.ones(2))
+    assert rows[0].tolist() == [0.0, 0.0]
+    rows = acc.add_batch_stats(4.0, *rows)   # fills the buffer: merged, and the rows are free again
+    assert rows[0].tolist() == [0.0, 0.0] and rows[1].tolist() == [0.0, 0.0]
+
+
 def test_dispersion_is_zero_for_identical_batches():
     b = torch.randn(6, 2, generator=torch.Generator().manual_seed(6))
     acc = InputStatsAccumulator()

@@ -21,7 +21,10 @@ class StatsRecorder(Protocol):
 
     def record_input(self, x: torch.Tensor) -> None: ...
 
-    def record_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None: ...
+    def record_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor
+                           ) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """Takes a batch's kernel statistics; returns the (mean, unbiased var) buffers the layer's
+        kernel may write the next batch's into, so that they need no copy (None: no such buffers)."""
 
 
 class NormLayer(ABC):

@@ -10,9 +10,13 @@
 In the train modes a layer that normalises with batch statistics runs on scratch buffers, so
 the model's own running statistics never move. A BatchNorm layer then runs with momentum 1, so
 its kernel leaves each batch's mean and unbiased variance in those buffers, where a forward hook
-reads them (fvcore's PreciseBN does the same); where the kernel is not exact enough (half
-precision buffers, channels-last input on the CPU, whose kernel sums in float32) or does not
-compute the statistics, the hook reads the input itself in float64. So it does for subclasses
+reads them (fvcore's PreciseBN does the same). The scratch buffers are rows of the recorder's own
+buffer, and after each batch the hook points them at the next free row: the kernel writes every
+batch's statistics where they will be merged, and nothing is copied per layer and batch.
+
+Where the kernel is not exact enough (half precision buffers, channels-last input on the CPU,
+whose kernel sums in float32) or does not compute the statistics, the hook reads the input
+itself in float64. So it does for subclasses
 with a forward of their own (a fixed momentum, split batches), whose buffers may not hold the batch's
 statistics, and for a layer whose input mean is far from zero against its spread, where the
 float32 buffer's rounding of the mean would show against the spread.
@@ -198,20 +202,32 @@ class BatchNormLayer(TorchLayer):
         if not self.reads_kernel_stats:
             return super().add_stats_hook(recorder)
         checked = []  # the first batch decides whether the kernel's statistics are precise enough
+        buffers = self.module._buffers
 
         def post_hook(module, args, kwargs, _output):
             x = args[0] if args else kwargs.get("input")
             if not recorder.active or not isinstance(x, torch.Tensor):
                 return
             if module.training and _kernel_is_exact(x):
+                mean, var = buffers["running_mean"], buffers["running_var"]
                 if not checked:
-                    checked.append(_mean_is_moderate(module.running_mean, module.running_var))
+                    checked.append(_mean_is_moderate(mean, var))
                 if checked[0]:
-                    recorder.record_batch_stats(x.numel() // x.shape[1], module.running_mean, module.running_var)
+                    rows = recorder.record_batch_stats(x.numel() // x.shape[1], mean, var)
+                    if rows is not None:
+                        self._write_next_batch_into(*rows)
                     return
             recorder.record_input(x)
 
         return self.module.register_forward_hook(post_hook, with_kwargs=True)
+
+    def _write_next_batch_into(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """The kernel (momentum 1) then leaves the next batch's statistics where the recorder keeps
+        them, so no copy is made per layer and batch. Only scratch buffers are ever replaced."""
+        buffers, scratch = self.module._buffers, self._scratch
+        if scratch and buffers["running_mean"] is scratch["running_mean"]:
+            scratch["running_mean"] = buffers["running_mean"] = mean
+            scratch["running_var"] = buffers["running_var"] = unbiased_var
 
     def use_scratch(self) -> None:
         super().use_scratch()
@@ -229,12 +245,12 @@ class BatchNormLayer(TorchLayer):
 def _kernel_is_exact(x: torch.Tensor) -> bool:
     """The CPU kernel sums contiguous inputs in float64 but channels-last ones in float32;
     the CUDA kernels use float32 Welford reductions (about 1e-7 relative)."""
-    return x.device.type == "cuda" or (x.device.type == "cpu" and x.is_contiguous())
+    return x.is_cuda or (x.is_cpu and x.is_contiguous())
 
 
 def _mean_is_moderate(mean: torch.Tensor, unbiased_var: torch.Tensor) -> bool:
-    ratio = mean.double().abs() / unbiased_var.double().clamp_min(1e-30).sqrt()
-    return bool((ratio <= _MAX_KERNEL_MEAN_RATIO).all())
+    """|mean| <= 10 std on every channel (NaN: no); a threshold, so the buffers' own precision will do."""
+    return bool(torch.le(mean.abs(), unbiased_var.sqrt() * _MAX_KERNEL_MEAN_RATIO).all())
 
 
 class FrozenNormLayer(TorchLayer):
