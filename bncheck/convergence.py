@@ -9,11 +9,12 @@ running statistics with that blend and with the data's own statistics, per chann
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from .report import LayerReport
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _target_variances(layer: LayerReport) -> tuple[float, ...]:
@@ -34,6 +35,8 @@ class _ChannelPoints(NamedTuple):
 
 def _channel_points(layer: LayerReport) -> _ChannelPoints:
     """One tensor operation for all channels: wide models have tens of thousands of them."""
+    import torch  # here: the renderers import this module, and rendering a saved report needs no torch
+
     channels = layer.channels
     mean, var, run_mean, run_var = (torch.tensor(values, dtype=torch.float64) for values in (
         channels.true_mean, _target_variances(layer), channels.running_mean, channels.running_var))
@@ -43,8 +46,8 @@ def _channel_points(layer: LayerReport) -> _ChannelPoints:
 
 
 def _dist(mean_a, std_a, mean_b, std_b) -> torch.Tensor:
-    """Per channel, the distance of two points ``(mean, std)``."""
-    return torch.hypot(mean_a - mean_b, std_a - std_b)
+    """Per channel, the distance of two points ``(mean, std)``; one side at least is a tensor."""
+    return ((mean_a - mean_b).square() + (std_a - std_b).square()).sqrt()
 
 
 def weight_left_at_init(layer: LayerReport) -> float | None:

@@ -21,7 +21,7 @@ from .frameworks import ForwardMode
 from .gating import StopRule
 from .outcomes import EVAL, TRAIN, OutcomeMeter, Outcomes, merge_outcomes
 from .run import Run
-from .stats import KERNEL_STATS_ROWS, InputStatsAccumulator, LayerInputStats, finalize, merge_states
+from .stats import KERNEL_STATS_ROWS, InputStatsAccumulator, LayerInputStats, finalize, merge_states, resting_stats
 from .tasks import SampleScores, Task, infer_task, score_samples, select_output
 
 ProgressCallback = Callable[[int, "int | None"], None]
@@ -73,8 +73,9 @@ class LayerRecorder:
     def __init__(self, layer, batches_by_key: dict, order: list[str]):
         """``batches_by_key``: each measured mode and the most batches it will see (None: unknown)."""
         self.name, self._order = layer.name, order
+        resting = _resting(layer) if batches_by_key else (None, None)
         self.accumulators = {key: InputStatsAccumulator(layer.channel_dim, layer.per_instance,
-                                                        flush_every=_buffered_batches(batches))
+                                                        flush_every=_buffered_batches(batches), resting=resting)
                              for key, batches in batches_by_key.items()}
         self.active = False
         self._targets: tuple[InputStatsAccumulator, ...] = ()
@@ -99,9 +100,18 @@ class LayerRecorder:
         """Returns where the layer's kernel may write the next batch's statistics (None: inactive)."""
         self._seen()
         rows = None
-        for target in self._targets:
+        # The accumulator whose row the kernel wrote goes last: a merge there frees the row.
+        for target in sorted(self._targets, key=lambda t: t.offered(mean, unbiased_var)):
             rows = target.add_batch_stats(count, mean, unbiased_var)
         return rows
+
+
+def _resting(layer) -> tuple:
+    """What the layer shows as its running statistics during the measured forwards where its kernel
+    writes into the recorder's rows: its own, as under ``model.train()``."""
+    if not getattr(layer, "reads_kernel_stats", False):
+        return None, None
+    return resting_stats(layer.running_mean(), layer.running_var())
 
 
 def _buffered_batches(batches: int | None) -> int:

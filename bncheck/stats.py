@@ -254,6 +254,14 @@ def finalize(state: LayerStatsState | None, calls: int) -> LayerInputStats | Non
                            state.max_count, calls)
 
 
+def resting_stats(mean: torch.Tensor | None, unbiased_var: torch.Tensor | None):
+    """Running statistics that are safe under a momentum-1 kernel, which computes ``0 * old + batch``
+    (0 * NaN is NaN): non-finite means become 0, non-finite or negative variances 1. New tensors."""
+    mean = None if mean is None else torch.where(torch.isfinite(mean), mean, 0.0)
+    ok = None if unbiased_var is None else torch.isfinite(unbiased_var) & (unbiased_var >= 0)
+    return mean, None if unbiased_var is None else torch.where(ok, unbiased_var, 1.0)
+
+
 KERNEL_STATS_ROWS = 64   # batches of kernel statistics buffered on the device per layer, merged at once
 
 
@@ -265,11 +273,15 @@ class InputStatsAccumulator:
     channel. Kernel statistics are buffered and merged ``flush_every`` batches at a time,
     so there is no host synchronisation per batch. Each call returns views of the buffer
     row the next batch goes in: a layer whose kernel writes its statistics straight there
-    saves the copy.
+    saves the copy. A free row holds ``resting`` (the layer's own running statistics, made
+    safe by :func:`resting_stats`; zeros and ones without them): the model sees them as its
+    running statistics during the forward, as it would under ``model.train()``.
     """
 
-    def __init__(self, channel_dim: int = 1, per_instance: bool = False, flush_every: int = KERNEL_STATS_ROWS):
+    def __init__(self, channel_dim: int = 1, per_instance: bool = False, flush_every: int = KERNEL_STATS_ROWS,
+                 resting: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)):
         self.channel_dim, self.per_instance, self.flush_every = channel_dim, per_instance, flush_every
+        self._resting = resting
         self.state: LayerStatsState | None = None
         self.calls = 0
         # Rows of means and of unbiased variances, allocated once, and a view of each row.
@@ -295,10 +307,10 @@ class InputStatsAccumulator:
     def add_batch_stats(self, count: float, mean: torch.Tensor, unbiased_var: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
-        if self._means is None or self._means.shape[1] != mean.numel():
+        if self._means is None or self._means.shape[1] != mean.numel() or self._means.dtype is not mean.dtype:
             self._allocate(mean)
         row = self._rows[len(self._pending_counts)]
-        if mean is not row[0] or unbiased_var is not row[1]:  # the kernel wrote elsewhere
+        if not self.offered(mean, unbiased_var):  # the kernel wrote elsewhere
             row[0].copy_(mean.detach())
             row[1].copy_(unbiased_var.detach())
         self._pending_counts.append(float(count))
@@ -306,15 +318,28 @@ class InputStatsAccumulator:
             self._flush()
         return self._rows[len(self._pending_counts)]
 
+    def offered(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> bool:
+        """Whether these are the views of the row this accumulator offered for the next batch."""
+        row = self._rows[len(self._pending_counts)] if self._rows else None
+        return row is not None and mean is row[0] and unbiased_var is row[1]
+
     def _allocate(self, like: torch.Tensor) -> None:
         """One buffer each, written row by row: no small allocation per batch that would outlive the
-        batch's activations and fragment the heap (peak memory grew with the number of batches).
-        Zeros: a kernel with momentum 1 writes ``0 * old + batch`` into a row, and 0 * NaN is NaN."""
+        batch's activations and fragment the heap (peak memory grew with the number of batches)."""
         self._flush()
         shape = (self.flush_every, like.numel())
-        self._means = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self._vars = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self._rows = list(zip(self._means.unbind(0), self._vars.unbind(0)))
+        # Normal tensors even inside a forward under inference_mode: they are reset after it.
+        with torch.inference_mode(False):
+            self._means = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self._vars = torch.ones(shape, dtype=like.dtype, device=like.device)
+            self._rows = list(zip(self._means.unbind(0), self._vars.unbind(0)))
+        self._resting = tuple(None if value is None or value.numel() != like.numel() else value.to(like)
+                              for value in self._resting)
+        self._reset_rows()
+
+    def _reset_rows(self) -> None:
+        for buffer, value, default in ((self._means, self._resting[0], 0.0), (self._vars, self._resting[1], 1.0)):
+            buffer.copy_(value) if value is not None else buffer.fill_(default)
 
     def _flush(self) -> None:
         if not self._pending_counts:
@@ -324,8 +349,7 @@ class InputStatsAccumulator:
         part = LayerStatsState(total, within, rows, min(counts), max(counts))
         self.state = merge_states(self.state, part)
         self._pending_counts = []
-        for buffer in (self._means, self._vars):
-            buffer.zero_()   # the merged moments are new tensors: the rows are free again
+        self._reset_rows()   # the merged moments are new tensors: the rows are free again
 
     def finish(self) -> LayerStatsState | None:
         """The accumulation so far, on the CPU."""

@@ -246,6 +246,56 @@ def test_a_layer_whose_mean_is_far_from_zero_is_read_exactly(trained):
     assert_stats_close(layer_named(report, "bn2").channels.true_var_unbiased, unbiased)
 
 
+class ReadsItsRunningVar(nn.Module):
+    """Scales by its BatchNorm's running variance in forward, as QAT's fused ConvBn scales its weights."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.seen.append(self.inner.bn3.running_var.clone())
+        return out * self.inner.bn3.running_var.mean().rsqrt()
+
+
+def test_a_forward_that_reads_running_statistics_in_training_sees_the_models_own(trained):
+    model, (x, y) = trained
+    wrapped = ReadsItsRunningVar(copy.deepcopy(model))
+    own = wrapped.inner.bn3.running_var.clone()
+    report = diagnose(wrapped, (x, y), batch_size=16)
+    assert len(wrapped.seen) == len(x) // 16   # every train-mode forward, as under model.train()
+    assert all(torch.equal(seen, own) for seen in wrapped.seen)
+    mean, var, unbiased = channel_moments(collect_norm_inputs(model, list(plan_batches((x, y), batch_size=16)
+                                                                          .batches))["bn3"])
+    assert_stats_close(layer_named(report, "inner.bn3").channels.true_var_unbiased, unbiased)
+    assert report.passed
+
+
+class InferenceModeForward(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    @torch.inference_mode()
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_forward_under_inference_mode_over_more_batches_than_one_merge_holds(trained):
+    model, (x, y) = trained
+    data = (x[:140], y[:140])   # 70 batches of 2: 64 kernel rows merged at once, then 6 more
+    report = diagnose(InferenceModeForward(copy.deepcopy(model)), data, batch_size=2)
+    batches = list(plan_batches(data, batch_size=2).batches)
+    reference = collect_norm_inputs(model, batches)
+    for name in ("bn1", "bn2", "bn3"):
+        mean, var, unbiased = channel_moments(reference[name])
+        channels = layer_named(report, f"inner.{name}").channels
+        assert_stats_close(channels.true_mean, mean, var.sqrt())
+        assert_stats_close(channels.true_var_unbiased, unbiased)
+
+
 def test_syncbatchnorm_in_a_one_process_group_runs_on_the_cpu(trained, tmp_path):
     import torch.distributed as dist
 

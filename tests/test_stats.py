@@ -19,6 +19,7 @@ from bncheck.stats import (
     moments_of,
     moments_of_groups,
     per_instance_moments,
+    resting_stats,
 )
 from conftest import channel_moments
 
@@ -184,12 +185,21 @@ def test_kernel_statistics_written_into_the_offered_rows_merge_like_copied_ones(
     assert result.num_batches == result.calls == 8 and result.total.count == sum(b.numel() // 3 for b in batches)
 
 
-def test_reused_rows_start_at_zero_so_a_momentum_one_kernel_writes_exactly_the_batch():
-    acc = InputStatsAccumulator(flush_every=2)
-    rows = acc.add_batch_stats(4.0, torch.full((2,), float("nan")), torch.ones(2))
-    assert rows[0].tolist() == [0.0, 0.0]
-    rows = acc.add_batch_stats(4.0, *rows)   # fills the buffer: merged, and the rows are free again
-    assert rows[0].tolist() == [0.0, 0.0] and rows[1].tolist() == [0.0, 0.0]
+def test_free_rows_hold_the_resting_statistics_never_a_nan_a_momentum_one_kernel_would_keep():
+    """A free row is what the model sees as running statistics during the forward, and what a kernel
+    with momentum 1 multiplies by 0: the layer's own statistics, made finite, or zeros and ones."""
+    mean, var = resting_stats(torch.tensor([0.5, float("nan"), -2.0]), torch.tensor([4.0, -1.0, float("inf")]))
+    assert mean.tolist() == [0.5, 0.0, -2.0] and var.tolist() == [4.0, 1.0, 1.0]
+    plain = InputStatsAccumulator(flush_every=2)
+    rows = plain.add_batch_stats(4.0, torch.full((3,), float("nan")), torch.ones(3))
+    assert rows[0].tolist() == [0.0] * 3 and rows[1].tolist() == [1.0] * 3
+    acc = InputStatsAccumulator(flush_every=2, resting=(mean.double(), var.double()))
+    rows = acc.add_batch_stats(4.0, torch.zeros(3), torch.ones(3))
+    assert rows[0].tolist() == [0.5, 0.0, -2.0] and rows[1].tolist() == [4.0, 1.0, 1.0]
+    rows[0].copy_(torch.tensor([1.0, 2.0, 3.0]))   # the kernel writes the second batch in place
+    rows = acc.add_batch_stats(4.0, *rows)          # the buffer is full: merged, and the rows are free again
+    assert rows[0].tolist() == [0.5, 0.0, -2.0] and rows[1].tolist() == [4.0, 1.0, 1.0]
+    torch.testing.assert_close(acc.result().mean, torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
 
 
 def test_dispersion_is_zero_for_identical_batches():

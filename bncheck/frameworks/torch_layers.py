@@ -8,7 +8,9 @@
   buffers and switches on ``self.training`` (timm's EvoNorm2dB0 keeps only ``running_var``).
 
 In the train modes a layer that normalises with batch statistics runs on scratch buffers, so
-the model's own running statistics never move. A BatchNorm layer then runs with momentum 1, so
+the model's own running statistics never move; they start as copies of its own (where finite),
+which is what a forward that reads them (QAT's fused ConvBn scales its weights by them) would see
+under ``model.train()``. A BatchNorm layer then runs with momentum 1, so
 its kernel leaves each batch's mean and unbiased variance in those buffers, where a forward hook
 reads them (fvcore's PreciseBN does the same). The scratch buffers are rows of the recorder's own
 buffer, and after each batch the hook points them at the next free row: the kernel writes every
@@ -28,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..stats import resting_stats
 from .base import NormLayer, StatsRecorder
 
 _RUNNING = ("running_mean", "running_var")
@@ -140,9 +143,9 @@ class TorchLayer(NormLayer):
         buffers = self.module._buffers
         if self._live is None:
             self._live = {k: buffers[k] for k in _RUNNING if _registered(self.module, k)}
-            # Zeros and ones, not copies: momentum 1 computes 0 * old + batch, and 0 * NaN is NaN.
-            self._scratch = {k: (torch.zeros_like(v) if k == "running_mean" else torch.ones_like(v))
-                             for k, v in self._live.items()}
+            # Copies, as under model.train(), where finite: momentum 1 computes 0 * old + batch.
+            mean, var = resting_stats(self._live.get("running_mean"), self._live.get("running_var"))
+            self._scratch = {k: v for k, v in (("running_mean", mean), ("running_var", var)) if v is not None}
         buffers.update(self._scratch)
 
     def use_live(self) -> None:
@@ -202,19 +205,19 @@ class BatchNormLayer(TorchLayer):
         if not self.reads_kernel_stats:
             return super().add_stats_hook(recorder)
         checked = []  # the first batch decides whether the kernel's statistics are precise enough
-        buffers = self.module._buffers
 
         def post_hook(module, args, kwargs, _output):
             x = args[0] if args else kwargs.get("input")
             if not recorder.active or not isinstance(x, torch.Tensor):
                 return
             if module.training and _kernel_is_exact(x):
+                buffers = module._buffers
                 mean, var = buffers["running_mean"], buffers["running_var"]
                 if not checked:
                     checked.append(_mean_is_moderate(mean, var))
                 if checked[0]:
                     rows = recorder.record_batch_stats(x.numel() // x.shape[1], mean, var)
-                    if rows is not None:
+                    if rows is not None and module is self.module:  # not a replica's (DataParallel)
                         self._write_next_batch_into(*rows)
                     return
             recorder.record_input(x)
@@ -249,8 +252,9 @@ def _kernel_is_exact(x: torch.Tensor) -> bool:
 
 
 def _mean_is_moderate(mean: torch.Tensor, unbiased_var: torch.Tensor) -> bool:
-    """|mean| <= 10 std on every channel (NaN: no); a threshold, so the buffers' own precision will do."""
-    return bool(torch.le(mean.abs(), unbiased_var.sqrt() * _MAX_KERNEL_MEAN_RATIO).all())
+    """|mean| <= 10 std on every channel, both finite; a threshold, so the buffers' precision will do."""
+    moderate = torch.le(mean.abs(), unbiased_var.sqrt() * _MAX_KERNEL_MEAN_RATIO) & torch.isfinite(unbiased_var)
+    return bool(moderate.all())
 
 
 class FrozenNormLayer(TorchLayer):
