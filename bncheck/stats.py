@@ -330,8 +330,8 @@ class InputStatsAccumulator:
         shape = (self.flush_every, like.numel())
         # Normal tensors even inside a forward under inference_mode: they are reset after it.
         with torch.inference_mode(False):
-            self._means = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self._vars = torch.ones(shape, dtype=like.dtype, device=like.device)
+            self._means = torch.empty(shape, dtype=like.dtype, device=like.device)
+            self._vars = torch.empty(shape, dtype=like.dtype, device=like.device)
             self._rows = list(zip(self._means.unbind(0), self._vars.unbind(0)))
         self._resting = tuple(None if value is None or value.numel() != like.numel() else value.to(like)
                               for value in self._resting)
